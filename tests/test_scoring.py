@@ -1,0 +1,141 @@
+"""The closed-form score against a brute-force evaluation of its definition."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.rope_utils import initialize_rope
+
+from triattn_mlx.rope import probe_rope
+from triattn_mlx.scoring import TriAttentionScorer, geometric_offsets, gqa_max, zscore
+
+D, BASE = 32, 10000.0
+
+SCALINGS = {
+    "default": None,
+    "linear": {"type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn": {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 256,
+             "beta_fast": 32, "beta_slow": 1},
+}
+
+
+def reference_rope(scaling):
+    """Per-pair angular frequency and amplitude, from the published formulas (numpy)."""
+    inv = BASE ** (-np.arange(0, D, 2) / D)
+    if scaling is None:
+        return inv, np.ones(D // 2)
+    kind = scaling.get("type") or scaling.get("rope_type")
+    if kind == "linear":
+        return inv / scaling["factor"], np.ones(D // 2)
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - low) / (high - low)
+        out = np.where(wavelen > old / low, inv / factor, inv)
+        medium = (wavelen > old / high) & (wavelen < old / low)
+        return np.where(medium, (1 - smooth) * inv / factor + smooth * inv, out), np.ones(D // 2)
+    if kind == "yarn":
+        factor, orig = scaling["factor"], scaling["original_max_position_embeddings"]
+        corr = lambda rot: D * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(BASE))
+        lo, hi = max(math.floor(corr(scaling["beta_fast"])), 0), min(math.ceil(corr(scaling["beta_slow"])), D - 1)
+        ramp = np.clip((np.arange(D // 2) - lo) / max(hi - lo, 1e-3), 0, 1)
+        extrapolate = 1 - ramp  # 1: keep the original frequency, 0: interpolate by factor
+        inv_out = inv / factor * (1 - extrapolate) + inv * extrapolate
+        mscale = 0.1 * math.log(factor) + 1.0
+        return inv_out, np.full(D // 2, mscale)
+    raise ValueError(kind)
+
+
+def pair_layout(traditional):
+    f = np.arange(D // 2)
+    return np.stack([2 * f, 2 * f + 1], 1) if traditional else np.stack([f, f + D // 2], 1)
+
+
+def brute_force_scores(q_center, q_abs, keys_pre, positions, t, omega, fs, offsets, aggregation):
+    """S(k) by definition: explicit loop over offsets on pre-RoPE keys.
+    q_center: [H, D/2] complex, keys_pre: [H_kv, N, D/2] complex -> [H, N]."""
+    H, n_kv = q_center.shape[0], keys_pre.shape[0]
+    out = np.zeros((H, keys_pre.shape[1]))
+    for h in range(H):
+        k = keys_pre[h // (H // n_kv)]
+        qbar = q_center[h]
+        phi = np.angle(qbar[None] * np.conj(k))
+        amp = np.abs(qbar)[None] * np.abs(k)
+        per_offset = []
+        for o in offsets:
+            angle = (t - positions[:, None] + o) * omega[None] + phi
+            per_offset.append((fs**2 * amp * np.cos(angle)).sum(-1))
+        per_offset = np.array(per_offset)
+        trig = per_offset.mean(0) if aggregation == "mean" else per_offset.max(0)
+        norm = (fs**2 * (q_abs[h] - np.abs(qbar))[None] * np.abs(k)).sum(-1)
+        out[h] = trig + norm
+    return out
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "max"])
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+def test_closed_form_matches_definition(scaling, traditional, aggregation):
+    rng = np.random.default_rng(0)
+    H, n_kv, N, t = 4, 2, 40, 3000
+    rope = initialize_rope(D, BASE, traditional, SCALINGS[scaling], max_position_embeddings=4096)
+    geometry = probe_rope(rope, D)
+    omega, fs = reference_rope(SCALINGS[scaling])
+    pairs = pair_layout(traditional)
+    np.testing.assert_array_equal(geometry.pairs, pairs)
+    np.testing.assert_allclose(geometry.omega, omega, rtol=1e-5)
+    np.testing.assert_allclose(geometry.scale, fs, rtol=1e-5)
+    omega = geometry.omega  # the model's own (float32-rounded) frequencies, as it rotates keys
+    assert geometry.style == ("traditional" if traditional else "half")
+
+    q_center = rng.normal(size=(H, D // 2)) + 1j * rng.normal(size=(H, D // 2))
+    q_abs = np.abs(q_center) * (1 + rng.uniform(0.05, 0.5, size=q_center.shape))
+    keys = rng.normal(size=(n_kv, N, D)).astype(np.float32)
+    positions = np.sort(rng.choice(t, size=N, replace=False))
+    keys_pre = keys[..., pairs[:, 0]] + 1j * keys[..., pairs[:, 1]]
+    # Explicit RoPE in float64: the closed form is checked on exactly rotated keys, and
+    # mlx-lm's own rope (float32 angles) is checked against the same rotation.
+    rotated = fs * keys_pre * np.exp(1j * positions[:, None] * omega)
+    exact = np.zeros_like(keys)
+    exact[..., pairs[:, 0]], exact[..., pairs[:, 1]] = rotated.real, rotated.imag
+    by_mlx = mx.concatenate(
+        [rope(mx.array(keys[None, :, i : i + 1]), offset=int(p)) for i, p in enumerate(positions)], axis=2
+    )
+    np.testing.assert_allclose(np.array(by_mlx)[0], exact, atol=2e-3)
+    cached = mx.array(exact[None])
+    offsets = geometric_offsets()
+    expected = brute_force_scores(q_center, q_abs, keys_pre, positions, t, omega, fs, offsets, aggregation)
+
+    scorer = TriAttentionScorer(q_center, q_abs, geometry, n_kv, aggregation=aggregation)
+    from triattn_mlx.scoring import triattention_scores
+    got = np.array(triattention_scores(cached, scorer.weights(t), scorer.c, scorer.pairs))[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+    # The scorer z-normalizes per query head, then takes the max over each GQA group.
+    z = (expected - expected.mean(-1, keepdims=True)) / expected.std(-1, keepdims=True)
+    grouped = z.reshape(n_kv, H // n_kv, N).max(1)
+    full = np.array(scorer(cached, mx.array(positions[None, None]), t + 1))[0]
+    np.testing.assert_allclose(full, grouped, atol=1e-3)
+
+
+def test_partial_rotary_pairs_unrotated_dims_as_plain_dot_product():
+    import mlx.nn as nn
+
+    rope = nn.RoPE(16, base=BASE)  # rotates the first 16 of 32 coordinates
+    g = probe_rope(rope, 32)
+    assert (g.omega[:8] > 0).all() and (g.omega[8:] == 0).all()
+    assert sorted(g.pairs.ravel().tolist()) == list(range(32))
+
+
+def test_zscore_and_gqa_max_shapes():
+    x = mx.random.normal((2, 6, 10))
+    z = zscore(x)
+    np.testing.assert_allclose(np.array(z.mean(-1)), 0, atol=1e-5)
+    np.testing.assert_allclose(np.array(z.std(-1)), 1, atol=1e-3)
+    g = gqa_max(z, 2)
+    assert g.shape == (2, 2, 10)
+    np.testing.assert_allclose(np.array(g[:, 1]), np.array(z[:, 3:].max(1)))

@@ -1,0 +1,12 @@
+"""TriAttention KV-cache compression for mlx-lm."""
+
+from .cache import SharedSelection, TriAttentionKVCache, make_prompt_cache
+from .scoring import TriAttentionScorer
+from .stats import Stats, StatsError, calibrate, describe_model, load_stats, validate_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TriAttentionKVCache", "TriAttentionScorer", "SharedSelection", "make_prompt_cache",
+    "Stats", "StatsError", "calibrate", "describe_model", "load_stats", "validate_stats",
+]

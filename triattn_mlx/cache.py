@@ -1,0 +1,260 @@
+"""TriAttentionKVCache: an mlx-lm KV cache that stays at a fixed budget.
+
+Lifecycle of one update_and_fetch call:
+  1. append the new keys/values (and their absolute positions) to the buffer;
+  2. hand the full buffer to attention for this call;
+  3. if the buffer holds budget + divide_length tokens, score every cached key, keep the
+     best `budget` per KV head (recent window and sinks always), and compact the buffer.
+Pruning after the fetch keeps this call's mask (made from the size before the append)
+consistent, and means a chunk of a long prompt is compressed as soon as it is read.
+`offset` is the absolute position, so RoPE keeps seeing true positions after eviction.
+"""
+
+import uuid
+
+import mlx.core as mx
+import mlx_lm.models.cache as mlx_cache
+from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
+
+from .model_info import attention_info, attention_module, model_layers
+from .scoring import TriAttentionScorer
+from .selection import gather_tokens, select_tokens
+from .stats import Stats, load_stats, validate_stats
+
+import numpy as np
+
+PRUNING_MODES = ("per_layer_per_head", "per_head")
+
+
+def _check_sizes(budget, window, divide_length, sinks):
+    for name, value, low in (("budget", budget, 1), ("window", window, 0),
+                             ("divide_length", divide_length, 1), ("sinks", sinks, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if budget <= window + sinks:
+        raise ValueError(
+            f"budget ({budget}) must be larger than window ({window}) + sinks ({sinks}): "
+            "those tokens are always kept and count in the budget"
+        )
+
+
+class SharedSelection:
+    """`per_head` pruning: one token set per KV head for all layers, chosen from scores
+    averaged over layers. Every member prunes in the same forward pass (they grow in
+    lockstep); the last one to submit its scores compacts them all."""
+
+    def __init__(self, group_id=None):
+        self.id = group_id or uuid.uuid4().hex
+        self.members, self._scores = [], []
+
+    def submit(self, cache, scores):
+        self._scores.append(scores)
+        if len(self._scores) < len(self.members):
+            return
+        mean = sum(self._scores) / len(self._scores)
+        self._scores = []
+        positions = cache.positions[..., : cache.length]
+        keep = select_tokens(mean, positions, cache.offset, cache.budget, cache.window, cache.sinks)
+        for member in self.members:
+            if member.length != cache.length:
+                raise RuntimeError("per_head caches fell out of step: were they fed different tokens?")
+            member.compact(keep)
+
+
+_LOADING_GROUPS = {}  # group id -> group being filled by load_prompt_cache
+
+
+class TriAttentionKVCache(_BaseCache):
+    step = 256
+
+    def __init__(self, budget, scorer, window=128, divide_length=128, sinks=0, shared=None):
+        _check_sizes(budget, window, divide_length, sinks)
+        if not callable(scorer):
+            raise ValueError("scorer must be callable: (keys, positions, offset) -> scores")
+        self.budget, self.window, self.divide_length, self.sinks = budget, window, divide_length, sinks
+        self.scorer, self.shared = scorer, shared
+        if shared is not None:
+            shared.members.append(self)
+        self.keys = self.values = self.positions = None
+        self.offset = 0  # absolute position of the next token
+        self.length = 0  # tokens held (mlx-lm's size())
+        self.trimmable_tokens = 0  # newest positions guaranteed present in every head
+        self.prune_rounds = 0
+
+    # -- the mlx-lm cache surface ---------------------------------------------------------
+    def update_and_fetch(self, keys, values):
+        self._append(keys, values)
+        k, v = self.keys[..., : self.length, :], self.values[..., : self.length, :]
+        if self.length >= self.budget + self.divide_length:
+            self._prune()
+        return k, v
+
+    def make_mask(self, N, return_array=False, window_size=None):
+        # The new tokens follow every cached one: the mask only needs the physical length.
+        return create_attention_mask(N, offset=self.length, return_array=return_array, window_size=window_size)
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        """Drop the newest n tokens if they are all still cached; else trim nothing, return 0."""
+        n = min(self.offset, n)
+        if n > self.trimmable_tokens:
+            return 0
+        self.length -= n
+        self.offset -= n
+        self.trimmable_tokens -= n
+        return n
+
+    def size(self):
+        return self.length
+
+    def empty(self):
+        return self.keys is None
+
+    @property
+    def nbytes(self):
+        if self.keys is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes + self.positions.nbytes
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def _append(self, keys, values):
+        B, n_kv, N, _ = keys.shape
+        if self.keys is None or self.length + N > self.keys.shape[2]:
+            grow = (N + self.step - 1) // self.step * self.step
+            new = [mx.zeros((B, n_kv, grow, keys.shape[3]), keys.dtype),
+                   mx.zeros((B, n_kv, grow, values.shape[3]), values.dtype),
+                   mx.zeros((B, n_kv, grow), mx.int32)]
+            if self.keys is None:
+                self.keys, self.values, self.positions = new
+            else:
+                old = (self.keys[..., : self.length, :], self.values[..., : self.length, :],
+                       self.positions[..., : self.length])
+                self.keys, self.values, self.positions = (
+                    mx.concatenate([o, n], axis=2) for o, n in zip(old, new))
+        end = self.length + N
+        self.keys[..., self.length : end, :] = keys
+        self.values[..., self.length : end, :] = values
+        self.positions[..., self.length : end] = mx.arange(self.offset, self.offset + N, dtype=mx.int32)
+        self.length, self.offset = end, self.offset + N
+        self.trimmable_tokens += N
+
+    def _prune(self):
+        keys, positions = self.keys[..., : self.length, :], self.positions[..., : self.length]
+        scores = self.scorer(keys, positions, self.offset)
+        if self.shared is not None:
+            self.shared.submit(self, scores)
+        else:
+            self.compact(select_tokens(scores, positions, self.offset, self.budget, self.window, self.sinks))
+
+    def compact(self, keep):
+        """Keep only the tokens `keep` ([B, H_kv, K] indices into the buffer)."""
+        K = keep.shape[-1]
+        capacity = K + self.divide_length  # room to decode until the next round
+        parts = []
+        for buf in (self.keys, self.values, self.positions):
+            kept = gather_tokens(buf[:, :, : self.length], keep)
+            pad = list(kept.shape)
+            pad[2] = capacity - K
+            parts.append(mx.concatenate([kept, mx.zeros(pad, kept.dtype)], axis=2))
+        self.keys, self.values, self.positions = parts
+        self.length = K
+        self.trimmable_tokens = min(self.trimmable_tokens, self.window)
+        self.prune_rounds += 1
+
+    # -- save / load (mlx_lm.save_prompt_cache / load_prompt_cache) -------------------------
+    @property
+    def state(self):
+        if not hasattr(self.scorer, "state"):
+            raise ValueError(f"a cache scored by {self.scorer!r} cannot be saved")
+        held = None if self.keys is None else (
+            self.keys[..., : self.length, :], self.values[..., : self.length, :], self.positions[..., : self.length])
+        return {
+            "tokens": held,
+            "offset": self.offset,
+            "config": [self.budget, self.window, self.divide_length, self.sinks,
+                       self.trimmable_tokens, self.prune_rounds],
+            "shared": [self.shared.id, len(self.shared.members)] if self.shared else None,
+            "scorer": self.scorer.state,
+        }
+
+    @state.setter
+    def state(self, v):
+        self.budget, self.window, self.divide_length, self.sinks, self.trimmable_tokens, self.prune_rounds = (
+            int(x) for x in v["config"])
+        self.offset = int(v["offset"])
+        self.keys = self.values = self.positions = None
+        self.length = 0
+        if v["tokens"] is not None:
+            self.keys, self.values, self.positions = v["tokens"]
+            self.length = self.keys.shape[2]
+        self.scorer = TriAttentionScorer.from_state(v["scorer"])
+        self.shared = None
+        if v["shared"] is not None:
+            group_id, group_size = str(v["shared"][0]), int(v["shared"][1])
+            group = _LOADING_GROUPS.get(group_id)
+            if group is None or len(group.members) >= group_size:
+                group = _LOADING_GROUPS[group_id] = SharedSelection(group_id)
+            group.members.append(self)
+            self.shared = group
+
+    @property
+    def meta_state(self):
+        return tuple(str(x) for x in (self.budget, self.window, self.divide_length, self.sinks))
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self.budget, self.window, self.divide_length, self.sinks = (int(x) for x in v)
+
+
+# mlx-lm's load_prompt_cache finds cache classes by name in its own module.
+mlx_cache.TriAttentionKVCache = TriAttentionKVCache
+
+
+def make_prompt_cache(model, budget, stats=None, window=128, divide_length=128, sinks=0,
+                      pruning_mode="per_layer_per_head", aggregation="mean", terms="both",
+                      scorer_factory=None):
+    """One cache per layer: TriAttention caches for full-attention layers, the model's own
+    caches (sliding-window, recurrent) elsewhere.
+
+    stats: a Stats object or a path to a stats file (validated against the model).
+    scorer_factory(layer_index, attention_info) -> scorer replaces TriAttention scoring
+    (baselines and ablations); stats are then not needed.
+    """
+    _check_sizes(budget, window, divide_length, sinks)
+    if pruning_mode not in PRUNING_MODES:
+        raise ValueError(f"pruning_mode must be one of {PRUNING_MODES}, got {pruning_mode!r}")
+    layers = model_layers(model)
+    base = model.make_cache() if hasattr(model, "make_cache") else [KVCache() for _ in layers]
+    if scorer_factory is None:
+        if stats is None:
+            raise ValueError(
+                "TriAttention needs calibration stats for this model: pass stats=<file or Stats> "
+                "(make them with triattn_mlx.calibrate(model, token_ids))"
+            )
+        if not isinstance(stats, Stats):
+            stats = load_stats(stats)
+        validate_stats(stats, model)
+
+    shared = SharedSelection() if pruning_mode == "per_head" else None
+    caches, replaced = [], 0
+    for i, (layer, cache) in enumerate(zip(layers, base)):
+        attn = attention_module(layer)
+        if type(cache) is not KVCache or attn is None:
+            caches.append(cache)  # bounded or recurrent already: keep the model's own
+            continue
+        info = attention_info(attn)
+        if scorer_factory is not None:
+            scorer = scorer_factory(i, info)
+        else:
+            scorer = TriAttentionScorer(stats.q_mean[i], stats.q_abs_mean[i], info.rope,
+                                        info.n_kv_heads, aggregation=aggregation, terms=terms)
+        caches.append(TriAttentionKVCache(budget, scorer, window, divide_length, sinks, shared))
+        replaced += 1
+    if replaced == 0:
+        raise ValueError(
+            f"{type(model).__name__} has no full-attention layer with a plain KV cache: "
+            "TriAttention has nothing to compress in this model"
+        )
+    return caches

