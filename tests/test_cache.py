@@ -1,0 +1,177 @@
+"""TriAttentionKVCache on small random-weight models: bounds, positions, masks, trim,
+save/load, and errors at construction."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import KVCache, RotatingKVCache, load_prompt_cache, save_prompt_cache
+
+from conftest import tiny_llama
+from triattn_mlx import StatsError, TriAttentionKVCache, calibrate, make_prompt_cache
+from triattn_mlx.baselines import recency_scores
+
+OPTIONS = dict(budget=64, window=16, divide_length=16, sinks=2)
+
+
+@pytest.fixture
+def tiny_stats(tiny_model):
+    return calibrate(tiny_model, np.random.default_rng(1).integers(0, 128, 300))
+
+
+def feed(model, cache, tokens, chunk):
+    for start in range(0, len(tokens), chunk):
+        logits = model(mx.array(tokens[start : start + chunk])[None], cache=cache)
+        mx.eval(logits, [(c.keys, c.values) for c in cache])
+        yield logits
+
+
+@pytest.mark.parametrize("mode", ["per_layer_per_head", "per_head"])
+def test_cache_stays_bounded_and_positions_stay_absolute(tiny_model, tiny_stats, mode):
+    budget, divide_length = 256, 128
+    cache = make_prompt_cache(tiny_model, budget, tiny_stats, pruning_mode=mode)
+    tokens = np.random.default_rng(2).integers(0, 128, 3100).tolist()
+    chunks = [1, 7, 64, 128, 3, 100]
+    pos, step = 0, 0
+    while pos < len(tokens):
+        n = chunks[step % len(chunks)]
+        list(feed(tiny_model, cache, tokens[pos : pos + n], n))
+        pos, step = min(pos + n, len(tokens)), step + 1
+        for c in cache:
+            assert c.size() < budget + divide_length
+            assert c.offset == pos  # the absolute position, not the number of cached tokens
+    for c in cache:
+        held = np.array(c.positions[..., : c.size()])
+        assert c.prune_rounds > 10
+        assert held.max() == len(tokens) - 1 and held.max() > c.size()
+        assert (np.diff(held, axis=-1) > 0).all()  # unique, in temporal order
+        assert set(range(len(tokens) - c.window, len(tokens))) <= set(held[0, 0].tolist())
+        assert {0, 1} <= set(held[0, 0].tolist()) or c.sinks == 0
+
+
+def test_large_chunks_are_compressed_as_they_are_read(tiny_model, tiny_stats):
+    cache = make_prompt_cache(tiny_model, 128, tiny_stats, window=32)
+    tokens = np.random.default_rng(3).integers(0, 128, 2048).tolist()
+    for _ in feed(tiny_model, cache, tokens, 512):
+        assert all(c.size() == 128 for c in cache)  # back to budget after every chunk
+
+
+class MaskedFullCache(KVCache):
+    """A full cache whose mask hides exactly the tokens the compressed cache evicted."""
+
+    visible = None  # bool [B, H, 1, L] for the next step
+
+    def make_mask(self, N, return_array=False, window_size=None):
+        if self.visible is None:
+            return super().make_mask(N, return_array=return_array, window_size=window_size)
+        return self.visible
+
+
+@pytest.mark.parametrize("mode, scorer", [("per_head", None), ("per_layer_per_head", recency_scores)])
+def test_eviction_equals_full_attention_with_evicted_tokens_masked(mode, scorer):
+    """Decoding with the compressed cache must give the logits of full attention over
+    the kept tokens at their true positions. If RoPE saw the physical cache length
+    instead of the absolute offset, this would fail after the first prune."""
+    model = tiny_llama(seed=4)
+    stats = calibrate(model, np.random.default_rng(5).integers(0, 128, 200))
+    factory = (lambda i, info: scorer) if scorer else None
+    compressed = make_prompt_cache(model, stats=stats, pruning_mode=mode, scorer_factory=factory, **OPTIONS)
+    full = [MaskedFullCache() for _ in model.layers]
+    tokens = np.random.default_rng(6).integers(0, 128, 200).tolist()
+    prompt, rest = tokens[:90], tokens[90:]
+    a = model(mx.array(prompt)[None], cache=compressed)
+    b = model(mx.array(prompt)[None], cache=full)
+    np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+    n_heads = model.layers[0].self_attn.n_heads
+    for token in rest:
+        c = compressed[0]
+        held = np.array(c.positions[..., : c.size()])  # [1, H_kv, L]
+        visible = np.zeros((1, held.shape[1], c.offset + 1), dtype=bool)
+        for h in range(held.shape[1]):
+            visible[0, h, held[0, h]] = True
+        visible[..., -1] = True
+        visible = np.repeat(visible, n_heads // held.shape[1], axis=1)[:, :, None, :]
+        for f in full:
+            f.visible = mx.array(visible)
+        a = model(mx.array([[token]]), cache=compressed)
+        b = model(mx.array([[token]]), cache=full)
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+    assert compressed[0].prune_rounds >= 5
+
+
+def test_trim_before_and_after_eviction(tiny_model, tiny_stats):
+    cache = make_prompt_cache(tiny_model, stats=tiny_stats, **OPTIONS)
+    list(feed(tiny_model, cache, list(range(40)), 40))
+    assert cache[0].trim(10) == 10 and cache[0].offset == 30 and cache[0].size() == 30
+    list(feed(tiny_model, cache, list(range(70)), 70))  # prunes to the budget
+    c = cache[0]
+    assert c.offset == 100 and c.size() == 64
+    assert c.trim(c.window + 1) == 0 and c.offset == 100  # evicted history: says no
+    assert c.trim(5) == 5 and c.offset == 95 and c.size() == 59
+    assert np.array(c.positions[..., : c.size()]).max() == 94
+
+
+@pytest.mark.parametrize("mode", ["per_layer_per_head", "per_head"])
+def test_save_load_continues_identically(tmp_path, tiny_model, tiny_stats, mode):
+    cache = make_prompt_cache(tiny_model, stats=tiny_stats, pruning_mode=mode, **OPTIONS)
+    tokens = np.random.default_rng(7).integers(0, 128, 150).tolist()
+    list(feed(tiny_model, cache, tokens, 50))
+    assert cache[0].prune_rounds > 0
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    assert [type(c) for c in loaded] == [TriAttentionKVCache] * len(cache)
+
+    def greedy(c, steps=60):
+        out, token = [], tokens[-1]
+        for _ in range(steps):
+            logits = tiny_model(mx.array([[token]]), cache=c)
+            token = int(logits[0, -1].argmax())
+            out.append((token, np.array(logits[0, -1])))
+        return out
+
+    for (t1, l1), (t2, l2) in zip(greedy(cache), greedy(loaded)):
+        assert t1 == t2
+        np.testing.assert_array_equal(l1, l2)
+    assert loaded[0].prune_rounds == cache[0].prune_rounds > 2
+    if mode == "per_head":
+        assert loaded[0].shared is loaded[-1].shared and loaded[0].shared is not cache[0].shared
+
+
+def test_sliding_window_layers_keep_their_own_cache(tiny_stats):
+    model = tiny_llama(layer_types=["sliding_attention", "full_attention"], sliding_window=32)
+    stats = calibrate(model, list(range(100)))
+    cache = make_prompt_cache(model, stats=stats, **OPTIONS)
+    assert isinstance(cache[0], RotatingKVCache) and isinstance(cache[1], TriAttentionKVCache)
+    list(feed(model, cache, list(range(120)) * 2, 30))
+    assert cache[1].size() < 80 and cache[0].offset == 240
+
+    model.make_cache = lambda: [RotatingKVCache(max_size=32) for _ in model.layers]
+    with pytest.raises(ValueError, match="no full-attention layer"):
+        make_prompt_cache(model, stats=stats, **OPTIONS)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(budget=128, window=128), "must be larger than window"),
+    (dict(budget=0), "budget must be an integer >= 1"),
+    (dict(budget=256, divide_length=0), "divide_length must be an integer >= 1"),
+    (dict(budget=256, window=-1), "window must be an integer >= 0"),
+    (dict(budget=256.5), "budget must be an integer"),
+    (dict(budget=256, pruning_mode="per_token"), "pruning_mode must be one of"),
+])
+def test_bad_sizes_fail_at_construction(tiny_model, tiny_stats, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_prompt_cache(tiny_model, stats=tiny_stats, **kwargs)
+
+
+def test_stats_for_another_model_are_rejected(tiny_stats):
+    other = tiny_llama(num_key_value_heads=4)
+    with pytest.raises(StatsError, match="num_kv_heads is 2 in the stats file but 4 in the model"):
+        make_prompt_cache(other, 256, tiny_stats)
+
+
+def test_missing_stats_and_unservable_models_fail_clearly(tiny_model):
+    with pytest.raises(ValueError, match="needs calibration stats"):
+        make_prompt_cache(tiny_model, 256)
+    with pytest.raises(ValueError, match="has no .layers"):
+        make_prompt_cache(object(), 256, scorer_factory=lambda i, info: recency_scores)
+    with pytest.raises(ValueError, match="scorer must be callable"):
+        TriAttentionKVCache(256, scorer=None)
