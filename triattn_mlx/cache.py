@@ -10,6 +10,7 @@ consistent, and means a chunk of a long prompt is compressed as soon as it is re
 `offset` is the absolute position, so RoPE keeps seeing true positions after eviction.
 """
 
+import time
 import uuid
 
 import mlx.core as mx
@@ -51,6 +52,7 @@ class SharedSelection:
         self._scores.append(scores)
         if len(self._scores) < len(self.members):
             return
+        start = time.perf_counter()
         mean = sum(self._scores) / len(self._scores)
         self._scores = []
         positions = cache.positions[..., : cache.length]
@@ -59,6 +61,8 @@ class SharedSelection:
             if member.length != cache.length:
                 raise RuntimeError("per_head caches fell out of step: were they fed different tokens?")
             member.compact(keep)
+        mx.eval([(m.keys, m.values, m.positions) for m in self.members])
+        cache.prune_seconds += time.perf_counter() - start
 
 
 _LOADING_GROUPS = {}  # group id -> group being filled by load_prompt_cache
@@ -80,6 +84,7 @@ class TriAttentionKVCache(_BaseCache):
         self.length = 0  # tokens held (mlx-lm's size())
         self.trimmable_tokens = 0  # newest positions guaranteed present in every head
         self.prune_rounds = 0
+        self.prune_seconds = 0.0
 
     # -- the mlx-lm cache surface ---------------------------------------------------------
     def update_and_fetch(self, keys, values):
@@ -142,11 +147,19 @@ class TriAttentionKVCache(_BaseCache):
 
     def _prune(self):
         keys, positions = self.keys[..., : self.length, :], self.positions[..., : self.length]
+        # Evaluate what the forward pass owes first, so prune_seconds times only the
+        # scoring, selection and compaction (once per divide_length steps).
+        mx.eval(keys, positions)
+        start = time.perf_counter()
         scores = self.scorer(keys, positions, self.offset)
         if self.shared is not None:
+            mx.eval(scores)
+            self.prune_seconds += time.perf_counter() - start
             self.shared.submit(self, scores)
-        else:
-            self.compact(select_tokens(scores, positions, self.offset, self.budget, self.window, self.sinks))
+            return
+        self.compact(select_tokens(scores, positions, self.offset, self.budget, self.window, self.sinks))
+        mx.eval(self.keys, self.values, self.positions)
+        self.prune_seconds += time.perf_counter() - start
 
     def compact(self, keep):
         """Keep only the tokens `keep` ([B, H_kv, K] indices into the buffer)."""
@@ -190,6 +203,7 @@ class TriAttentionKVCache(_BaseCache):
             self.keys, self.values, self.positions = v["tokens"]
             self.length = self.keys.shape[2]
         self.scorer = TriAttentionScorer.from_state(v["scorer"])
+        self.prune_seconds = 0.0
         self.shared = None
         if v["shared"] is not None:
             group_id, group_size = str(v["shared"][0]), int(v["shared"][1])
@@ -206,6 +220,28 @@ class TriAttentionKVCache(_BaseCache):
     @meta_state.setter
     def meta_state(self, v):
         self.budget, self.window, self.divide_length, self.sinks = (int(x) for x in v)
+
+
+def cache_report(caches):
+    """Measured state of a prompt cache: tokens kept vs seen, bytes held vs what a full
+    cache of the same tokens would hold, prune rounds and their time."""
+    ours = [c for c in caches if isinstance(c, TriAttentionKVCache)]
+    held = sum(c.nbytes for c in caches if not c.empty())
+    full = held - sum(c.nbytes for c in ours if not c.empty())
+    for c in ours:
+        if not c.empty():  # what mlx-lm's KVCache allocates for every token seen (256-token steps)
+            allocated = -(-c.offset // KVCache.step) * KVCache.step
+            full += allocated * (c.keys.nbytes + c.values.nbytes) // c.keys.shape[2]
+    return {
+        "tokens_seen": max((c.offset for c in caches), default=0),
+        "tokens_kept": max((c.size() for c in ours), default=None),
+        "budget": ours[0].budget if ours else None,
+        "divide_length": ours[0].divide_length if ours else None,
+        "kv_bytes": held,
+        "full_kv_bytes": full,
+        "prune_rounds": max((c.prune_rounds for c in ours), default=0),
+        "prune_seconds": sum(c.prune_seconds for c in ours),
+    }
 
 
 # mlx-lm's load_prompt_cache finds cache classes by name in its own module.

@@ -1,0 +1,88 @@
+"""`python -m triattn_mlx.generate` in a subprocess, on the real test model."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from triattn_mlx.testing import prose_text, smollm2_gguf
+
+
+def run(*args, stdin=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "triattn_mlx.generate", *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def stats_file(tmp_path_factory, real_stats):
+    path = tmp_path_factory.mktemp("stats") / "smollm2.safetensors"
+    real_stats.save(path)
+    return str(path)
+
+
+def test_chat_prompt_answers_and_prints_statistics(real_model_dir, stats_file):
+    r = run("--model", str(real_model_dir), "--prompt", "What is the capital of France?",
+            "--budget", "256", "--stats", stats_file, "-m", "20")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    for line in ("Prompt: ", "Generation: ", "Peak memory: ", "KV cache: ", "Prune rounds: "):
+        assert line in r.stdout
+    assert "calibrating" not in r.stderr  # stats were given
+
+
+def test_long_prompt_is_compressed_and_reported(real_model_dir):
+    prompt = prose_text()[:3000]
+    r = run("--model", str(real_model_dir), "--prompt", "-", "--ignore-chat-template",
+            "--budget", "64", "--window", "16", "--divide-length", "16", "--prefill-step-size", "128",
+            "-m", "40", stdin=prompt)
+    assert r.returncode == 0, r.stderr
+    assert "calibrating query centers" in r.stderr  # no stats: the notice says so
+    kept, seen = map(int, re.search(r"KV cache: (\d+) of (\d+) tokens", r.stdout).groups())
+    assert kept < 64 + 16 and seen > 600
+    kv_mb, full_mb = map(float, re.search(r"tokens kept per head \(budget 64\), ([\d.]+) MB vs ([\d.]+) MB", r.stdout).groups())
+    assert kv_mb < full_mb / 4
+    assert int(re.search(r"Prune rounds: (\d+)", r.stdout).group(1)) > 5
+
+
+def test_no_compress_uses_a_full_cache(real_model_dir):
+    r = run("--model", str(real_model_dir), "--prompt", "Hello", "--no-compress", "-m", "5")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"KV cache: full, \d+ tokens", r.stdout)
+
+
+def test_gguf_file_as_model(stats_file):
+    r = run("--model", str(smollm2_gguf()), "--prompt", "What is the capital of France?",
+            "--stats", stats_file, "--budget", "256", "-m", "12")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model"], "model not found: /no/such/model"),
+    (["--budget", "100", "--window", "128"], "budget (100) must be larger than window (128)"),
+    (["--prompt", "  "], "the prompt is empty"),
+    (["--max-kv-size", "512"], "--max-kv-size is replaced by --budget"),
+    (["--stats", "/no/such/stats.safetensors"], "stats file not found"),
+])
+def test_bad_input_exits_2_with_one_line(real_model_dir, args, message):
+    base = {"--model": str(real_model_dir), "--prompt": "hi"}
+    for flag in list(base):
+        if flag in args:
+            del base[flag]
+    r = run(*[x for kv in base.items() for x in kv], *args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_stats_for_another_model_exit_2(real_model_dir, tmp_path):
+    from conftest import tiny_llama
+    from triattn_mlx import calibrate
+
+    path = tmp_path / "tiny.safetensors"
+    calibrate(tiny_llama(), list(range(50))).save(path)
+    r = run("--model", str(real_model_dir), "--prompt", "hi", "--stats", str(path))
+    assert r.returncode == 2
+    assert "stats do not match the model: num_layers is 2 in the stats file but 30 in the model" in r.stderr
+    assert "Traceback" not in r.stderr

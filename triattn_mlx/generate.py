@@ -1,0 +1,139 @@
+"""`python -m triattn_mlx.generate`: mlx_lm.generate with a TriAttention KV cache.
+
+mlx-lm's own CLI does the work (flags, model loading, chat template, sampling, streaming,
+statistics); three of its module functions are swapped for the duration of the call:
+the argument parser (adds the TriAttention flags), `load` (adds .gguf files) and
+`generate` (builds the compressed cache, then reports what compression did).
+"""
+
+import contextlib
+import importlib
+import sys
+
+# The module, not the function mlx_lm/__init__ exports under the same name.
+mlx_generate = importlib.import_module("mlx_lm.generate")
+_mlx_arg_parser = mlx_generate.setup_arg_parser
+
+from .cache import PRUNING_MODES, _check_sizes, cache_report, make_prompt_cache
+from .loading import load, resolve_stats
+from .stats import calibrate
+
+DEFAULT_BUDGET = 2048
+SELF_CALIBRATION_TOKENS = 4096
+
+
+def add_triattention_args(parser):
+    group = parser.add_argument_group("TriAttention KV compression")
+    group.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
+                       help=f"KV tokens kept per head (default: {DEFAULT_BUDGET})")
+    group.add_argument("--window", type=int, default=128, help="recent tokens always kept (default: 128)")
+    group.add_argument("--divide-length", type=int, default=128,
+                       help="prune when budget + this many tokens are cached (default: 128)")
+    group.add_argument("--sinks", type=int, default=0, help="first positions always kept (default: 0)")
+    group.add_argument("--pruning-mode", choices=PRUNING_MODES, default="per_head",
+                       help="per_head: one token set per KV head for all layers (default); "
+                            "per_layer_per_head: each layer selects its own")
+    group.add_argument("--stats", default="auto",
+                       help="calibration stats: a .safetensors file, a Hugging Face repo id, or "
+                            "'auto' (shipped stats matching the model, else calibrate on the prompt)")
+    group.add_argument("--no-compress", action="store_true",
+                       help="use mlx-lm's full KV cache instead (for comparison)")
+    return parser
+
+
+def setup_arg_parser():
+    parser = add_triattention_args(_mlx_arg_parser())
+    parser.description = "Generate text with a TriAttention-compressed KV cache (mlx_lm.generate + --budget)"
+    return parser
+
+
+def check_args(args):
+    """Refuse what cannot work here, before the model is loaded."""
+    if args.max_kv_size is not None:
+        raise ValueError("--max-kv-size is replaced by --budget (TriAttention keeps the best "
+                         "--budget tokens per head instead of the most recent ones)")
+    if args.kv_bits is not None and not args.no_compress:
+        raise ValueError("--kv-bits is not supported with compression yet (use --no-compress "
+                         "for mlx-lm's quantized cache)")
+    if args.draft_model is not None and not args.no_compress:
+        raise ValueError("--draft-model is not supported with compression (speculative decoding "
+                         "rewinds the cache past evicted tokens)")
+    if args.prompt is not None and args.prompt != "-" and not args.prompt.strip():
+        raise ValueError("the prompt is empty: pass --prompt TEXT or --prompt - to read stdin")
+    if not args.no_compress:
+        make_prompt_cache_options(args)  # validates the sizes
+
+
+def make_prompt_cache_options(args):
+    _check_sizes(args.budget, args.window, args.divide_length, args.sinks)
+    return dict(budget=args.budget, window=args.window, divide_length=args.divide_length,
+                sinks=args.sinks, pruning_mode=args.pruning_mode)
+
+
+def build_cache(model, prompt_tokens, args, log=print):
+    """The prompt cache for this run: full (--no-compress) or TriAttention."""
+    if args.no_compress:
+        from mlx_lm.models.cache import make_prompt_cache as full_cache
+
+        return full_cache(model)
+    stats = resolve_stats(args.stats, model)
+    if stats is None:
+        n = min(len(prompt_tokens), SELF_CALIBRATION_TOKENS)
+        log(f"[triattn] no calibration stats for this model: calibrating query centers on the "
+            f"first {n} prompt tokens (make reusable stats with python -m triattn_mlx.calibrate)")
+        stats = calibrate(model, prompt_tokens[:n], source="self-calibration on the prompt")
+    return make_prompt_cache(model, stats=stats, **make_prompt_cache_options(args))
+
+
+def format_report(report):
+    mb = 1024**2
+    if report["tokens_kept"] is None:
+        return (f"KV cache: full, {report['tokens_seen']} tokens, {report['kv_bytes'] / mb:.1f} MB")
+    return (
+        f"KV cache: {report['tokens_kept']} of {report['tokens_seen']} tokens kept per head "
+        f"(budget {report['budget']}), {report['kv_bytes'] / mb:.1f} MB vs "
+        f"{report['full_kv_bytes'] / mb:.1f} MB for a full cache\n"
+        f"Prune rounds: {report['prune_rounds']}, {report['prune_seconds']:.3f} s in total"
+    )
+
+
+@contextlib.contextmanager
+def patched_mlx_generate(args):
+    original = mlx_generate.setup_arg_parser, mlx_generate.load, mlx_generate.generate
+    generate_text = original[2]
+
+    def generate(model, tokenizer, prompt, prompt_cache=None, verbose=False, **kwargs):
+        if prompt_cache is None:
+            prompt_cache = build_cache(model, prompt, args, log=lambda m: print(m, file=sys.stderr))
+        text = generate_text(model, tokenizer, prompt, prompt_cache=prompt_cache, verbose=verbose, **kwargs)
+        if verbose:
+            print(format_report(cache_report(prompt_cache)))
+        return text
+
+    mlx_generate.setup_arg_parser, mlx_generate.load, mlx_generate.generate = setup_arg_parser, load, generate
+    try:
+        yield
+    finally:
+        mlx_generate.setup_arg_parser, mlx_generate.load, mlx_generate.generate = original
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+        saved_argv = sys.argv
+        sys.argv = [sys.argv[0], *argv]
+        try:
+            with patched_mlx_generate(args):
+                mlx_generate.main()
+        finally:
+            sys.argv = saved_argv
+    except (ValueError, OSError) as e:  # StatsError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

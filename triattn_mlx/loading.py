@@ -1,0 +1,69 @@
+"""Loading models and stats from what a user types: a folder, a hub repo id, a .gguf file."""
+
+import hashlib
+from pathlib import Path
+
+import mlx_lm
+
+from .gguf import convert_gguf
+from .stats import StatsError, load_stats
+
+STATS_DIR = Path(__file__).parent / "stats"  # shipped stats (see stats/README.md)
+
+
+def _looks_local(spec):
+    return spec.startswith((".", "/", "~")) or spec.endswith((".gguf", ".safetensors")) or Path(spec).exists()
+
+
+def load(path_or_repo, **kwargs):
+    """mlx_lm.load, plus llama-architecture .gguf files (converted once into a cache)."""
+    from .testing import cache_dir
+
+    spec = str(path_or_repo)
+    path = Path(spec).expanduser()
+    if _looks_local(spec) and not path.exists():
+        raise FileNotFoundError(f"model not found: {spec} (expected an mlx-lm model folder, "
+                                "a Hugging Face repo id, or a .gguf file)")
+    if path.suffix == ".gguf":
+        stat = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        folder = cache_dir() / f"gguf-{path.stem}-{key}"
+        if not (folder / "model.safetensors").is_file():
+            convert_gguf(path, folder)
+        path = folder
+    return mlx_lm.load(str(path) if path.exists() else spec, **kwargs)
+
+
+def shipped_stats(model):
+    """Shipped stats whose metadata matches the model's attention geometry, or None."""
+    for path in sorted(STATS_DIR.glob("*.safetensors")):
+        try:
+            return load_stats(path, model)
+        except StatsError:
+            continue
+    return None
+
+
+def resolve_stats(spec, model):
+    """Stats from a file, a Hugging Face repo id ('org/name' or 'org/name/file'), or
+    'auto' (shipped stats matching the model; None when there are none)."""
+    if spec == "auto":
+        return shipped_stats(model)
+    path = Path(spec).expanduser()
+    if _looks_local(spec):
+        return load_stats(path, model)
+    from huggingface_hub import snapshot_download
+
+    parts = spec.split("/")
+    repo, pattern = "/".join(parts[:2]), ("/".join(parts[2:]) or "*.safetensors")
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=[pattern]))
+    except Exception as e:
+        raise StatsError(f"cannot fetch stats from the Hugging Face repo '{repo}': {e}") from None
+    errors = []
+    for candidate in sorted(folder.glob(pattern if parts[2:] else "**/*.safetensors")):
+        try:
+            return load_stats(candidate, model)
+        except StatsError as e:
+            errors.append(str(e))
+    raise StatsError(f"no stats in '{spec}' match this model" + (f": {errors[0]}" if errors else ""))
