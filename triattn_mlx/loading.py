@@ -8,7 +8,17 @@ import mlx_lm
 from .gguf import convert_gguf
 from .stats import StatsError, load_stats
 
-STATS_DIR = Path(__file__).parent / "stats"  # shipped stats (see stats/README.md)
+def _stats_dir():
+    """Shipped stats: the repository's stats/ folder, installed as package data."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("triattn_mlx.shipped_stats")))
+    except (ModuleNotFoundError, TypeError):
+        return Path(__file__).resolve().parent.parent / "stats"
+
+
+STATS_DIR = _stats_dir()
 
 
 def _looks_local(spec):

@@ -40,6 +40,23 @@ class Stats:
         """R = |E q_f| / E|q_f| per (layer, head, pair): how tightly queries concentrate."""
         return np.abs(self.q_mean) / np.maximum(self.q_abs_mean, 1e-12)
 
+    def head_concentration(self, weighting="dominant"):
+        """R per (layer, head) [L, H]; NaN for layers without attention stats.
+
+        "dominant": R of the pair with the largest E|q_f| (the paper's per-head figure);
+        "energy": sum_f |E q_f| / sum_f E|q_f| (all pairs, weighted by magnitude).
+        """
+        total = self.q_abs_mean.sum(-1)
+        if weighting == "dominant":
+            dominant = self.q_abs_mean.argmax(-1)[..., None]
+            r = np.take_along_axis(self.mean_resultant_length(), dominant, -1)[..., 0]
+        elif weighting == "energy":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                r = np.abs(self.q_mean).sum(-1) / total
+        else:
+            raise ValueError(f"weighting must be 'dominant' or 'energy', got {weighting!r}")
+        return np.where(total > 0, r, np.nan)
+
     def save(self, path):
         arrays = {
             "q_mean_real": mx.array(self.q_mean.real.astype(np.float32)),

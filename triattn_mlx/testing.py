@@ -12,6 +12,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from .corpus import code_text, prose_text  # noqa: F401  (re-exported for tests)
 from .gguf import convert_gguf
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,16 +60,3 @@ def smollm2_model_dir(dtype="float32"):
         tmp.rename(folder)
     return folder
 
-
-def prose_text():
-    """English prose that every Python install has: the language reference's help topics."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def code_text():
-    """Python source that every Python install has."""
-    import inspect
-
-    return Path(inspect.getsourcefile(inspect)).read_text()
