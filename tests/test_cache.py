@@ -98,16 +98,22 @@ def test_eviction_equals_full_attention_with_evicted_tokens_masked(mode, scorer)
     assert compressed[0].prune_rounds >= 5
 
 
-def test_trim_before_and_after_eviction(tiny_model, tiny_stats):
-    cache = make_prompt_cache(tiny_model, stats=tiny_stats, **OPTIONS)
+@pytest.mark.parametrize("mode", ["per_layer_per_head", "per_head"])
+def test_trim_before_and_after_eviction(tiny_model, tiny_stats, mode):
+    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+    cache = make_prompt_cache(tiny_model, stats=tiny_stats, pruning_mode=mode, **OPTIONS)
     list(feed(tiny_model, cache, list(range(40)), 40))
-    assert cache[0].trim(10) == 10 and cache[0].offset == 30 and cache[0].size() == 30
+    assert can_trim_prompt_cache(cache)
+    assert trim_prompt_cache(cache, 10) == 10 and cache[0].offset == 30 and cache[0].size() == 30
     list(feed(tiny_model, cache, list(range(70)), 70))  # prunes to the budget
     c = cache[0]
     assert c.offset == 100 and c.size() == 64
-    assert c.trim(c.window + 1) == 0 and c.offset == 100  # evicted history: says no
-    assert c.trim(5) == 5 and c.offset == 95 and c.size() == 59
+    assert trim_prompt_cache(cache, c.window + 1) == 0 and c.offset == 100  # evicted history: says no
+    assert trim_prompt_cache(cache, 5) == 5 and c.offset == 95 and c.size() == 59
     assert np.array(c.positions[..., : c.size()]).max() == 94
+    list(feed(tiny_model, cache, list(range(30)), 10))  # keeps working after a trim
+    assert cache[-1].offset == 125
 
 
 @pytest.mark.parametrize("mode", ["per_layer_per_head", "per_head"])
@@ -175,3 +181,24 @@ def test_missing_stats_and_unservable_models_fail_clearly(tiny_model):
         make_prompt_cache(object(), 256, scorer_factory=lambda i, info: recency_scores)
     with pytest.raises(ValueError, match="scorer must be callable"):
         TriAttentionKVCache(256, scorer=None)
+
+
+def test_self_calibration_uses_the_queries_the_model_runs(tiny_stats):
+    from triattn_mlx import remove_query_recorders
+    from triattn_mlx.stats import QueryRecorder
+
+    model = tiny_llama(seed=9)
+    tokens = np.random.default_rng(8).integers(0, 128, 300).tolist()
+    cache = make_prompt_cache(model, stats="self", **OPTIONS)
+    list(feed(model, cache, tokens, 100))
+    assert cache[0].prune_rounds > 0
+    # The last prune (after token 300) scored with the centers of every query seen. Layer 0's
+    # queries do not depend on attention, so they equal an uncompressed calibration's;
+    # deeper layers' queries see the compressed cache, as they should.
+    assert isinstance(model.layers[1].self_attn.rope, QueryRecorder)
+    np.testing.assert_allclose(cache[1].scorer.q_center, model.layers[1].self_attn.rope.centers()[0])
+    remove_query_recorders(model)
+    assert not isinstance(model.layers[0].self_attn.rope, QueryRecorder)
+    reference = calibrate(model, tokens)
+    np.testing.assert_allclose(cache[0].scorer.q_center, reference.q_mean[0], atol=1e-5)
+    np.testing.assert_allclose(cache[0].scorer.q_abs_mean, reference.q_abs_mean[0], atol=1e-5)

@@ -37,7 +37,7 @@ def test_long_prompt_is_compressed_and_reported(real_model_dir):
             "--budget", "64", "--window", "16", "--divide-length", "16", "--prefill-step-size", "128",
             "-m", "40", stdin=prompt)
     assert r.returncode == 0, r.stderr
-    assert "calibrating query centers" in r.stderr  # no stats: the notice says so
+    assert "estimating query centers from the prompt" in r.stderr  # no stats: the notice says so
     kept, seen = map(int, re.search(r"KV cache: (\d+) of (\d+) tokens", r.stdout).groups())
     assert kept < 64 + 16 and seen > 600
     kv_mb, full_mb = map(float, re.search(r"tokens kept per head \(budget 64\), ([\d.]+) MB vs ([\d.]+) MB", r.stdout).groups())

@@ -11,7 +11,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, load_prompt_cache, sav
 
 from triattn_mlx import make_prompt_cache
 from triattn_mlx.baselines import random_scores, recency_scores
-from triattn_mlx.evaluate import perplexity, reference_logprobs, teacher_forced
+from triattn_mlx.evaluate import perplexity, reference_logprobs, reference_nll, teacher_forced
 from triattn_mlx.testing import prose_text, smollm2_model_dir
 
 
@@ -43,7 +43,7 @@ def test_large_budget_gives_the_logits_of_the_full_cache(real_model, real_stats)
 def quality_table(model, tokens, stats, budget):
     """Teacher-forced perplexity and mean KL vs full attention, scored after the cache first fills."""
     ref = reference_logprobs(model, tokens)
-    nll_full, _ = teacher_forced(model, tokens, [KVCache() for _ in model.layers])
+    nll_full = reference_nll(ref, tokens)
     recency = lambda i, info: recency_scores  # noqa: E731
     methods = {
         "triattention (per_head)": lambda: make_prompt_cache(model, budget, stats, pruning_mode="per_head"),

@@ -18,9 +18,9 @@ import mlx_lm.models.cache as mlx_cache
 from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 
 from .model_info import attention_info, attention_module, model_layers
-from .scoring import TriAttentionScorer
+from .scoring import SelfCalibratedScorer, TriAttentionScorer
 from .selection import gather_tokens, select_tokens
-from .stats import Stats, load_stats, validate_stats
+from .stats import Stats, install_query_recorders, load_stats, validate_stats
 
 import numpy as np
 
@@ -52,14 +52,16 @@ class SharedSelection:
         self._scores.append(scores)
         if len(self._scores) < len(self.members):
             return
+        if any(m.length != cache.length for m in self.members):
+            self._scores = []
+            raise RuntimeError("per_head caches fell out of step (a layer was trimmed or fed "
+                               "alone?): trim them together, e.g. mlx_lm's trim_prompt_cache")
         start = time.perf_counter()
         mean = sum(self._scores) / len(self._scores)
         self._scores = []
         positions = cache.positions[..., : cache.length]
         keep = select_tokens(mean, positions, cache.offset, cache.budget, cache.window, cache.sinks)
         for member in self.members:
-            if member.length != cache.length:
-                raise RuntimeError("per_head caches fell out of step: were they fed different tokens?")
             member.compact(keep)
         mx.eval([(m.keys, m.values, m.positions) for m in self.members])
         cache.prune_seconds += time.perf_counter() - start
@@ -249,12 +251,15 @@ mlx_cache.TriAttentionKVCache = TriAttentionKVCache
 
 
 def make_prompt_cache(model, budget, stats=None, window=128, divide_length=128, sinks=0,
-                      pruning_mode="per_layer_per_head", aggregation="mean", terms="both",
+                      pruning_mode="per_head", aggregation="mean", terms="both",
                       scorer_factory=None):
     """One cache per layer: TriAttention caches for full-attention layers, the model's own
     caches (sliding-window, recurrent) elsewhere.
 
-    stats: a Stats object or a path to a stats file (validated against the model).
+    stats: a Stats object, a path to a stats file (validated against the model), or
+        "self": estimate the query centers from the model's own queries as it runs (the
+        prompt's during prefill, refined while decoding). This wraps the model's rope
+        modules with recorders until triattn_mlx.remove_query_recorders(model).
     scorer_factory(layer_index, attention_info) -> scorer replaces TriAttention scoring
     (baselines and ablations); stats are then not needed.
     """
@@ -263,34 +268,41 @@ def make_prompt_cache(model, budget, stats=None, window=128, divide_length=128, 
         raise ValueError(f"pruning_mode must be one of {PRUNING_MODES}, got {pruning_mode!r}")
     layers = model_layers(model)
     base = model.make_cache() if hasattr(model, "make_cache") else [KVCache() for _ in layers]
-    if scorer_factory is None:
-        if stats is None:
-            raise ValueError(
-                "TriAttention needs calibration stats for this model: pass stats=<file or Stats> "
-                "(make them with triattn_mlx.calibrate(model, token_ids))"
-            )
-        if not isinstance(stats, Stats):
-            stats = load_stats(stats)
-        validate_stats(stats, model)
-
-    shared = SharedSelection() if pruning_mode == "per_head" else None
-    caches, replaced = [], 0
-    for i, (layer, cache) in enumerate(zip(layers, base)):
-        attn = attention_module(layer)
-        if type(cache) is not KVCache or attn is None:
-            caches.append(cache)  # bounded or recurrent already: keep the model's own
-            continue
-        info = attention_info(attn)
-        if scorer_factory is not None:
-            scorer = scorer_factory(i, info)
-        else:
-            scorer = TriAttentionScorer(stats.q_mean[i], stats.q_abs_mean[i], info.rope,
-                                        info.n_kv_heads, aggregation=aggregation, terms=terms)
-        caches.append(TriAttentionKVCache(budget, scorer, window, divide_length, sinks, shared))
-        replaced += 1
-    if replaced == 0:
+    infos = {i: attention_info(attention_module(layer)) for i, layer in enumerate(layers)
+             if attention_module(layer) is not None}  # read before any rope is wrapped
+    # Only plain KV caches are replaced: sliding-window and recurrent caches are bounded already.
+    compressed = [i for i, cache in enumerate(base) if type(cache) is KVCache and i in infos]
+    if not compressed:
         raise ValueError(
             f"{type(model).__name__} has no full-attention layer with a plain KV cache: "
             "TriAttention has nothing to compress in this model"
         )
+    recorders = None
+    if scorer_factory is None:
+        if stats is None:
+            raise ValueError(
+                "TriAttention needs calibration stats for this model: pass stats=<file or Stats>, "
+                "or stats='self' to estimate them from the prompt "
+                "(reusable stats: python -m triattn_mlx.calibrate)"
+            )
+        if isinstance(stats, str) and stats == "self":
+            recorders = install_query_recorders(model)
+        else:
+            if not isinstance(stats, Stats):
+                stats = load_stats(stats)
+            validate_stats(stats, model)
+
+    shared = SharedSelection() if pruning_mode == "per_head" else None
+    caches = list(base)
+    for i in compressed:
+        info = infos[i]
+        if scorer_factory is not None:
+            scorer = scorer_factory(i, info)
+        elif recorders is not None:
+            scorer = SelfCalibratedScorer(recorders[i], info.rope, info.n_kv_heads,
+                                          aggregation=aggregation, terms=terms)
+        else:
+            scorer = TriAttentionScorer(stats.q_mean[i], stats.q_abs_mean[i], info.rope,
+                                        info.n_kv_heads, aggregation=aggregation, terms=terms)
+        caches[i] = TriAttentionKVCache(budget, scorer, window, divide_length, sinks, shared)
     return caches

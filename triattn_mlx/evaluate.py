@@ -48,5 +48,12 @@ def reference_logprobs(model, tokens, chunk_size=64):
     return list(chunk_logprobs(model, tokens, make_prompt_cache(model), chunk_size))
 
 
+def reference_nll(reference, tokens):
+    """Per-position negative log-likelihood from `reference_logprobs` chunks: [N-1]."""
+    logprobs = np.concatenate([np.array(chunk) for chunk in reference])
+    targets = np.asarray(tokens)[1:]
+    return -logprobs[np.arange(len(targets)), targets]
+
+
 def perplexity(nll, start=0):
     return float(math.exp(np.mean(nll[start:])))

@@ -16,10 +16,8 @@ _mlx_arg_parser = mlx_generate.setup_arg_parser
 
 from .cache import PRUNING_MODES, _check_sizes, cache_report, make_prompt_cache
 from .loading import load, resolve_stats
-from .stats import calibrate
 
 DEFAULT_BUDGET = 2048
-SELF_CALIBRATION_TOKENS = 4096
 
 
 def add_triattention_args(parser):
@@ -70,7 +68,7 @@ def make_prompt_cache_options(args):
                 sinks=args.sinks, pruning_mode=args.pruning_mode)
 
 
-def build_cache(model, prompt_tokens, args, log=print):
+def build_cache(model, args, log=print):
     """The prompt cache for this run: full (--no-compress) or TriAttention."""
     if args.no_compress:
         from mlx_lm.models.cache import make_prompt_cache as full_cache
@@ -78,10 +76,9 @@ def build_cache(model, prompt_tokens, args, log=print):
         return full_cache(model)
     stats = resolve_stats(args.stats, model)
     if stats is None:
-        n = min(len(prompt_tokens), SELF_CALIBRATION_TOKENS)
-        log(f"[triattn] no calibration stats for this model: calibrating query centers on the "
-            f"first {n} prompt tokens (make reusable stats with python -m triattn_mlx.calibrate)")
-        stats = calibrate(model, prompt_tokens[:n], source="self-calibration on the prompt")
+        log("[triattn] no shipped calibration stats match this model: estimating query centers "
+            "from the prompt's own queries (make reusable stats with python -m triattn_mlx.calibrate)")
+        stats = "self"
     return make_prompt_cache(model, stats=stats, **make_prompt_cache_options(args))
 
 
@@ -104,7 +101,7 @@ def patched_mlx_generate(args):
 
     def generate(model, tokenizer, prompt, prompt_cache=None, verbose=False, **kwargs):
         if prompt_cache is None:
-            prompt_cache = build_cache(model, prompt, args, log=lambda m: print(m, file=sys.stderr))
+            prompt_cache = build_cache(model, args, log=lambda m: print(m, file=sys.stderr))
         text = generate_text(model, tokenizer, prompt, prompt_cache=prompt_cache, verbose=verbose, **kwargs)
         if verbose:
             print(format_report(cache_report(prompt_cache)))

@@ -13,6 +13,7 @@ imaginary on its second), the trig term is one real dot product per key.
 import mlx.core as mx
 import numpy as np
 
+from . import kernels
 from .rope import RopeGeometry
 
 
@@ -99,8 +100,6 @@ class TriAttentionScorer:
             raise ValueError(f"aggregation must be 'mean' or 'max', got {aggregation!r}")
         if terms not in ("both", "trig", "norm"):
             raise ValueError(f"terms must be 'both', 'trig' or 'norm', got {terms!r}")
-        self.q_center = np.asarray(q_center, dtype=np.complex128)  # [H, D/2]
-        self.q_abs_mean = np.asarray(q_abs_mean, dtype=np.float64)  # [H, D/2]
         self.geometry, self.n_kv_heads, self.terms = geometry, n_kv_heads, terms
         self.aggregation = aggregation
         self.offsets = offsets = geometric_offsets() if offsets is None else np.asarray(offsets)
@@ -109,8 +108,14 @@ class TriAttentionScorer:
             future_phase_mean(omega, offsets) if aggregation == "mean"
             else np.exp(1j * np.outer(offsets, omega))
         )
-        self.c = mx.array(norm_weights(self.q_center, q_abs_mean, geometry.scale).astype(np.float32))
         self.pairs = mx.array(geometry.pairs)
+        self.style = kernels.pair_style(geometry.pairs)  # None: the fused kernel does not apply
+        self.set_centers(q_center, q_abs_mean)
+
+    def set_centers(self, q_center, q_abs_mean):
+        self.q_center = np.asarray(q_center, dtype=np.complex128)  # [H, D/2]
+        self.q_abs_mean = np.asarray(q_abs_mean, dtype=np.float64)  # [H, D/2]
+        self.c = mx.array(norm_weights(self.q_center, self.q_abs_mean, self.geometry.scale).astype(np.float32))
 
     def weights(self, position):
         w = trig_weights(self.q_center, self.geometry.omega, self.geometry.scale, position, self.phase)
@@ -123,6 +128,8 @@ class TriAttentionScorer:
             raw = norm_scores(keys, self.c, self.pairs)
         elif self.terms == "trig":
             raw = trig_scores(keys, self.weights(t))
+        elif self.aggregation == "mean" and kernels.backend() != "mlx" and kernels.can_fuse(keys, self.style):
+            raw = kernels.fused_scores(keys, kernels.fused_weights(self.weights(t), self.c, self.pairs), self.style)
         else:
             raw = triattention_scores(keys, self.weights(t), self.c, self.pairs)
         return gqa_max(zscore(raw), self.n_kv_heads)
@@ -159,3 +166,27 @@ def _f64_to_mx(x):
 
 def _mx_to_f64(x):
     return np.ascontiguousarray(np.array(x, dtype=np.uint32)).view(np.float64)
+
+
+class SelfCalibratedScorer(TriAttentionScorer):
+    """TriAttention scoring from the queries this model is actually running: the centers
+    are the running means a QueryRecorder keeps on the layer's rope, read at every prune
+    (the prompt's own queries during prefill, refined online while decoding).
+    Saved caches keep the centers of the moment they were saved."""
+
+    def __init__(self, recorder, geometry, n_kv_heads, **options):
+        self.recorder = recorder
+        half = len(geometry.omega)
+        # Until the first prune reads the recorder, a neutral center (never used for scoring).
+        super().__init__(np.zeros((recorder.info.n_heads, half)), np.zeros((recorder.info.n_heads, half)),
+                         geometry, n_kv_heads, **options)
+
+    def __call__(self, keys, positions, offset):
+        self.set_centers(*self.recorder.centers())
+        return super().__call__(keys, positions, offset)
+
+    @property
+    def state(self):
+        if self.recorder.tokens:
+            self.set_centers(*self.recorder.centers())
+        return super().state

@@ -144,8 +144,9 @@ def load_stats(path, model=None):
     return stats
 
 
-class _RecordQueries:
-    """Stands in for an attention's rope: records pre-RoPE queries, then applies the rope.
+class QueryRecorder:
+    """Stands in for an attention's rope: accumulates pre-RoPE query statistics, then
+    applies the rope. Used by `calibrate` and, live, by self-calibrating caches.
 
     mlx-lm attentions rope queries first, then keys, in every call; even calls are queries.
     """
@@ -165,12 +166,39 @@ class _RecordQueries:
                 raise ValueError(f"expected queries with {self.info.n_heads} heads, got {x.shape}")
             q = x.astype(mx.float32)
             re, im = q[..., self.pairs[:, 0]], q[..., self.pairs[:, 1]]  # [B, H, L, D/2]
-            self.sum_re += re.sum(axis=(0, 2))
-            self.sum_im += im.sum(axis=(0, 2))
-            self.sum_abs += mx.sqrt(re * re + im * im).sum(axis=(0, 2))
+            self.sum_re = self.sum_re + re.sum(axis=(0, 2))
+            self.sum_im = self.sum_im + im.sum(axis=(0, 2))
+            self.sum_abs = self.sum_abs + mx.sqrt(re * re + im * im).sum(axis=(0, 2))
             self.tokens += x.shape[0] * x.shape[2]
         self.calls += 1
         return self.rope(x, *args, **kwargs)
+
+    def centers(self):
+        """(q_mean [H, D/2] complex, q_abs_mean [H, D/2]) of the queries seen so far."""
+        if self.tokens == 0:
+            raise ValueError("no queries recorded yet")
+        q_mean = (np.array(self.sum_re, dtype=np.float64) + 1j * np.array(self.sum_im, dtype=np.float64))
+        return q_mean / self.tokens, np.array(self.sum_abs, dtype=np.float64) / self.tokens
+
+
+def install_query_recorders(model):
+    """Wrap every attention's rope in a fresh QueryRecorder: {layer index: recorder}."""
+    remove_query_recorders(model)
+    recorders = {}
+    for i, layer in enumerate(model_layers(model)):
+        attn = attention_module(layer)
+        if attn is not None:
+            recorders[i] = QueryRecorder(attn.rope, attention_info(attn))
+            attn["rope"] = recorders[i]  # a Module is a dict: swap the entry, not an attribute
+    return recorders
+
+
+def remove_query_recorders(model):
+    """Put back the ropes that install_query_recorders wrapped."""
+    for layer in model_layers(model):
+        attn = attention_module(layer)
+        if attn is not None and isinstance(attn.rope, QueryRecorder):
+            attn["rope"] = attn.rope.rope
 
 
 def calibrate(model, token_ids, chunk_size=512, source="", progress=None):
@@ -180,13 +208,7 @@ def calibrate(model, token_ids, chunk_size=512, source="", progress=None):
     tokens = mx.array(np.asarray(token_ids, dtype=np.int32).reshape(-1))
     if tokens.size < 2:
         raise ValueError("calibration needs at least 2 tokens")
-    layers = model_layers(model)
-    recorders = {}
-    for i, layer in enumerate(layers):
-        attn = attention_module(layer)
-        if attn is not None:
-            recorders[i] = _RecordQueries(attn.rope, attention_info(attn))
-            attn["rope"] = recorders[i]  # a Module is a dict: swap the entry, not an attribute
+    recorders = install_query_recorders(model)
     try:
         cache = make_full_cache(model)
         for start in range(0, tokens.size, chunk_size):
@@ -195,15 +217,13 @@ def calibrate(model, token_ids, chunk_size=512, source="", progress=None):
             if progress:
                 progress(min(start + chunk_size, tokens.size), tokens.size)
     finally:
-        for i, r in recorders.items():
-            attention_module(layers[i])["rope"] = r.rope
+        remove_query_recorders(model)
 
     meta = describe_model(model)
     n, h, half = meta["num_layers"], meta["num_attention_heads"], meta["head_dim"] // 2
     q_mean = np.zeros((n, h, half), dtype=np.complex128)
     q_abs = np.zeros((n, h, half))
     for i, r in recorders.items():
-        q_mean[i] = (np.array(r.sum_re) + 1j * np.array(r.sum_im)) / r.tokens
-        q_abs[i] = np.array(r.sum_abs) / r.tokens
+        q_mean[i], q_abs[i] = r.centers()
     meta.update(tokens_used=int(tokens.size), source=source)
     return Stats(q_mean, q_abs, meta)

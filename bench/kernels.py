@@ -1,0 +1,134 @@
+"""Scoring cost on a GPU: achieved bandwidth of the fused kernel vs the MLX-op path.
+
+    python -m bench.kernels [--lengths 4096 16384 65536] [--decode]
+
+Qwen3-8B attention shapes (36 layers x 8 KV heads x head_dim 128, 32 query heads, fp16
+keys). Bandwidth = bytes of keys read / time, next to the device's copy bandwidth
+(measured here: (read + write bytes) / time of a large copy). --decode also times one
+decode step of a random-weight 4-bit Qwen3-8B-shaped model at each length, so the
+scoring cost can be read as a fraction of a decode step.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from bench.common import plot, write_json
+from triattn_mlx import kernels
+from triattn_mlx.scoring import triattention_scores
+
+LAYERS, KV_HEADS, HEADS, HEAD_DIM = 36, 8, 32, 128
+
+
+def timed(fn, repeats=20):
+    fn()  # warm up / compile
+    mx.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        mx.synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def copy_bandwidth(gigabytes=2.0):
+    x = mx.random.normal((int(gigabytes * 2**30 / 2),)).astype(mx.float16)
+    mx.eval(x)
+    seconds = timed(lambda: mx.eval(x + 0), repeats=10)
+    return 2 * x.nbytes / seconds  # read + write
+
+
+def layer_inputs(N, dtype=mx.float16):
+    keys = [mx.random.normal((1, KV_HEADS, N, HEAD_DIM)).astype(dtype) for _ in range(LAYERS)]
+    w = mx.random.normal((HEADS, HEAD_DIM))
+    c = mx.random.normal((HEADS, HEAD_DIM // 2))
+    f = np.arange(HEAD_DIM // 2)
+    pairs = mx.array(np.stack([f, f + HEAD_DIM // 2], 1))
+    mx.eval(keys, w, c, pairs)
+    return keys, w, c, pairs
+
+
+def qwen3_8b_4bit():
+    """A random-weight 4-bit model with Qwen3-8B's config: decodes at the real model's speed."""
+    import mlx.nn as nn
+    from mlx_lm.models import qwen3
+
+    config = json.loads((Path(__file__).resolve().parent.parent / "stats/configs/qwen3-8b.json").read_text())
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    return model
+
+
+def decode_step_seconds(model, N):
+    """One decode step of `model` with N cached tokens."""
+    from mlx_lm.models.cache import KVCache
+
+    cache = [KVCache() for _ in model.layers]
+    for c in cache:
+        k = mx.random.normal((1, KV_HEADS, N, HEAD_DIM)).astype(mx.float16)
+        c.update_and_fetch(k, k)
+        mx.eval(c.keys, c.values)
+    token = mx.array([[1]])
+
+    def step():
+        mx.eval(model(token, cache=cache))
+        for c in cache:
+            c.trim(1)
+
+    seconds = timed(step, repeats=10)
+    del cache
+    return seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--decode", action="store_true")
+    parser.add_argument("--output", default=None, help="results folder (default: results/)")
+    args = parser.parse_args()
+    kind = kernels.backend()
+    copy = copy_bandwidth()
+    print(f"device {mx.default_device()}, kernel backend {kind}, copy bandwidth {copy / 1e9:.0f} GB/s")
+    model = qwen3_8b_4bit() if args.decode else None
+    rows = []
+    for N in args.lengths:
+        keys, w, c, pairs = layer_inputs(N)
+        nbytes = sum(k.nbytes for k in keys)
+        packed = kernels.fused_weights(w, c, pairs)
+        row = {"N": N, "key_bytes": nbytes}
+        row["mlx_ops_s"] = timed(lambda: mx.eval([triattention_scores(k, w, c, pairs) for k in keys]))
+        if kind != "mlx":
+            row["fused_s"] = timed(lambda: mx.eval([kernels.fused_scores(k, packed, "half") for k in keys]))
+        for path in ("mlx_ops", "fused"):
+            if f"{path}_s" in row:
+                row[f"{path}_GBps"] = nbytes / row[f"{path}_s"] / 1e9
+                row[f"{path}_of_copy"] = nbytes / row[f"{path}_s"] / copy
+        if args.decode:
+            row["decode_step_s"] = decode_step_seconds(model, N)
+            row["fused_share_of_decode_step"] = row.get("fused_s", row["mlx_ops_s"]) / row["decode_step_s"]
+        rows.append(row)
+        print(json.dumps(row))
+        del keys
+    out = Path(args.output) if args.output else None
+    kwargs = {"folder": out} if out else {}
+    write_json("kernels", {"copy_GBps": copy / 1e9, "backend": kind, "rows": rows}, **kwargs)
+    with plot("kernels", **kwargs) as (fig, ax):
+        x = np.arange(len(rows))
+        for i, path in enumerate(("mlx_ops", "fused")):
+            if f"{path}_GBps" in rows[0]:
+                ax.bar(x + 0.4 * i, [r[f"{path}_GBps"] for r in rows], width=0.4, label=path)
+        ax.axhline(copy / 1e9, color="k", linestyle="--", label="copy bandwidth")
+        ax.set_xticks(x + 0.2, [f"N={r['N']}" for r in rows])
+        ax.set_ylabel("GB/s of keys read")
+        ax.set_title(f"TriAttention scoring, Qwen3-8B shapes ({mx.default_device()})")
+        ax.legend()
+
+
+if __name__ == "__main__":
+    main()
