@@ -76,17 +76,21 @@ def can_fuse(keys, style):
     return style is not None and keys.shape[-1] in FUSED_HEAD_DIMS and keys.dtype in FUSED_DTYPES
 
 
-def fused_scores(keys, packed, style, kind=None, keys_per_group=8):
+def fused_scores(keys, packed, style, kind=None, warps_per_group=8, target_warps=8192):
     """The kernel's score: keys [B, H_kv, N, D], packed [H, 3, D/2] -> [B, H, N] float32."""
     kind = kind or backend()
     B, n_kv, N, D = keys.shape
     H = packed.shape[0]
-    meta = mx.array([N, n_kv], dtype=mx.int32)
+    # Enough warps to fill the GPU, each looping over several keys so that a group's
+    # weight load is amortized over many keys.
+    keys_per_warp = max(1, min(32, B * n_kv * N // target_warps))
+    warps_y = -(-N // (keys_per_warp * warps_per_group)) * warps_per_group
+    meta = mx.array([N, n_kv, warps_y], dtype=mx.int32)
     (scores,) = _kernel(kind)(
         inputs=[keys, packed, meta],
         template=[("T", keys.dtype), ("D", D), ("G", H // n_kv), ("HALF", int(style == "half"))],
-        grid=(32, -(-N // keys_per_group) * keys_per_group, B * n_kv),
-        threadgroup=(32, keys_per_group, 1),
+        grid=(32, warps_y, B * n_kv),
+        threadgroup=(32, warps_per_group, 1),
         output_shapes=[(B, H, N)],
         output_dtypes=[mx.float32],
     )
