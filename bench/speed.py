@@ -57,6 +57,9 @@ def main():
         "full KV": lambda: [KVCache() for _ in model.layers],
         f"RotatingKVCache({args.budget})": lambda: [RotatingKVCache(args.budget, keep=4) for _ in model.layers],
         f"TriAttention {args.budget}": lambda: make_prompt_cache(model, args.budget, stats),
+        # The same, with each prune round synchronized and timed: gives the prune share.
+        f"TriAttention {args.budget} (timed prunes)": lambda: make_prompt_cache(
+            model, args.budget, stats, measure_prune_time=True),
     }
     rows = []
     for N in args.lengths:

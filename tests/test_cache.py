@@ -40,7 +40,7 @@ def test_cache_stays_bounded_and_positions_stay_absolute(tiny_model, tiny_stats,
             assert c.size() < budget + divide_length
             assert c.offset == pos  # the absolute position, not the number of cached tokens
     for c in cache:
-        held = np.array(c.positions[..., : c.size()])
+        held = np.array(c.token_positions())
         assert c.prune_rounds > 10
         assert held.max() == len(tokens) - 1 and held.max() > c.size()
         assert (np.diff(held, axis=-1) > 0).all()  # unique, in temporal order
@@ -84,7 +84,7 @@ def test_eviction_equals_full_attention_with_evicted_tokens_masked(mode, scorer)
     n_heads = model.layers[0].self_attn.n_heads
     for token in rest:
         c = compressed[0]
-        held = np.array(c.positions[..., : c.size()])  # [1, H_kv, L]
+        held = np.array(c.token_positions())  # [1, H_kv, L]
         visible = np.zeros((1, held.shape[1], c.offset + 1), dtype=bool)
         for h in range(held.shape[1]):
             visible[0, h, held[0, h]] = True
@@ -111,7 +111,7 @@ def test_trim_before_and_after_eviction(tiny_model, tiny_stats, mode):
     assert c.offset == 100 and c.size() == 64
     assert trim_prompt_cache(cache, c.window + 1) == 0 and c.offset == 100  # evicted history: says no
     assert trim_prompt_cache(cache, 5) == 5 and c.offset == 95 and c.size() == 59
-    assert np.array(c.positions[..., : c.size()]).max() == 94
+    assert np.array(c.token_positions()).max() == 94
     list(feed(tiny_model, cache, list(range(30)), 10))  # keeps working after a trim
     assert cache[-1].offset == 125
 

@@ -1,7 +1,7 @@
 """TriAttentionKVCache: an mlx-lm KV cache that stays at a fixed budget.
 
 Lifecycle of one update_and_fetch call:
-  1. append the new keys/values (and their absolute positions) to the buffer;
+  1. append the new keys/values to the buffer;
   2. hand the full buffer to attention for this call;
   3. if the buffer holds budget + divide_length tokens, score every cached key, keep the
      best `budget` per KV head (recent window and sinks always), and compact the buffer.
@@ -59,12 +59,13 @@ class SharedSelection:
         start = time.perf_counter()
         mean = sum(self._scores) / len(self._scores)
         self._scores = []
-        positions = cache.positions[..., : cache.length]
+        positions = cache.token_positions()
         keep = select_tokens(mean, positions, cache.offset, cache.budget, cache.window, cache.sinks)
         for member in self.members:
             member.compact(keep)
-        mx.eval([(m.keys, m.values, m.positions) for m in self.members])
-        cache.prune_seconds += time.perf_counter() - start
+        if cache.measure_prune_time:
+            mx.eval([(m.keys, m.values, m.positions) for m in self.members])
+            cache.prune_seconds += time.perf_counter() - start
 
 
 _LOADING_GROUPS = {}  # group id -> group being filled by load_prompt_cache
@@ -73,7 +74,8 @@ _LOADING_GROUPS = {}  # group id -> group being filled by load_prompt_cache
 class TriAttentionKVCache(_BaseCache):
     step = 256
 
-    def __init__(self, budget, scorer, window=128, divide_length=128, sinks=0, shared=None):
+    def __init__(self, budget, scorer, window=128, divide_length=128, sinks=0, shared=None,
+                 measure_prune_time=False):
         _check_sizes(budget, window, divide_length, sinks)
         if not callable(scorer):
             raise ValueError("scorer must be callable: (keys, positions, offset) -> scores")
@@ -81,12 +83,17 @@ class TriAttentionKVCache(_BaseCache):
         self.scorer, self.shared = scorer, shared
         if shared is not None:
             shared.members.append(self)
-        self.keys = self.values = self.positions = None
+        self.keys = self.values = None
+        # Absolute positions of the first `kept` tokens (the last compaction's survivors);
+        # the tokens appended since follow contiguously up to offset - 1, so their
+        # positions need no bookkeeping on the decode path.
+        self.positions, self.kept = None, 0
         self.offset = 0  # absolute position of the next token
         self.length = 0  # tokens held (mlx-lm's size())
         self.trimmable_tokens = 0  # newest positions guaranteed present in every head
         self.prune_rounds = 0
-        self.prune_seconds = 0.0
+        # Timing a round needs two synchronizations per layer: off unless asked for.
+        self.measure_prune_time, self.prune_seconds = measure_prune_time, 0.0
 
     # -- the mlx-lm cache surface ---------------------------------------------------------
     def update_and_fetch(self, keys, values):
@@ -111,6 +118,7 @@ class TriAttentionKVCache(_BaseCache):
         self.length -= n
         self.offset -= n
         self.trimmable_tokens -= n
+        self.kept = min(self.kept, self.length)
         return n
 
     def size(self):
@@ -123,7 +131,16 @@ class TriAttentionKVCache(_BaseCache):
     def nbytes(self):
         if self.keys is None:
             return 0
-        return self.keys.nbytes + self.values.nbytes + self.positions.nbytes
+        return self.keys.nbytes + self.values.nbytes + (0 if self.positions is None else self.positions.nbytes)
+
+    def token_positions(self):
+        """Absolute position of every cached token: [B, H_kv, size()] int32."""
+        B, n_kv = self.keys.shape[:2]
+        fresh = self.length - self.kept
+        recent = mx.broadcast_to(mx.arange(self.offset - fresh, self.offset, dtype=mx.int32), (B, n_kv, fresh))
+        if self.kept == 0:
+            return recent
+        return mx.concatenate([self.positions[..., : self.kept], recent], axis=2)
 
     # -- lifecycle --------------------------------------------------------------------------
     def _append(self, keys, values):
@@ -131,49 +148,48 @@ class TriAttentionKVCache(_BaseCache):
         if self.keys is None or self.length + N > self.keys.shape[2]:
             grow = (N + self.step - 1) // self.step * self.step
             new = [mx.zeros((B, n_kv, grow, keys.shape[3]), keys.dtype),
-                   mx.zeros((B, n_kv, grow, values.shape[3]), values.dtype),
-                   mx.zeros((B, n_kv, grow), mx.int32)]
+                   mx.zeros((B, n_kv, grow, values.shape[3]), values.dtype)]
             if self.keys is None:
-                self.keys, self.values, self.positions = new
+                self.keys, self.values = new
             else:
-                old = (self.keys[..., : self.length, :], self.values[..., : self.length, :],
-                       self.positions[..., : self.length])
-                self.keys, self.values, self.positions = (
-                    mx.concatenate([o, n], axis=2) for o, n in zip(old, new))
+                old = (self.keys[..., : self.length, :], self.values[..., : self.length, :])
+                self.keys, self.values = (mx.concatenate([o, n], axis=2) for o, n in zip(old, new))
         end = self.length + N
         self.keys[..., self.length : end, :] = keys
         self.values[..., self.length : end, :] = values
-        self.positions[..., self.length : end] = mx.arange(self.offset, self.offset + N, dtype=mx.int32)
         self.length, self.offset = end, self.offset + N
         self.trimmable_tokens += N
 
     def _prune(self):
-        keys, positions = self.keys[..., : self.length, :], self.positions[..., : self.length]
-        # Evaluate what the forward pass owes first, so prune_seconds times only the
-        # scoring, selection and compaction (once per divide_length steps).
-        mx.eval(keys, positions)
+        keys, positions = self.keys[..., : self.length, :], self.token_positions()
+        if self.measure_prune_time:
+            mx.eval(keys, positions)  # what the forward pass owes is not scoring time
         start = time.perf_counter()
         scores = self.scorer(keys, positions, self.offset)
         if self.shared is not None:
-            mx.eval(scores)
-            self.prune_seconds += time.perf_counter() - start
+            if self.measure_prune_time:
+                mx.eval(scores)
+                self.prune_seconds += time.perf_counter() - start
             self.shared.submit(self, scores)
             return
         self.compact(select_tokens(scores, positions, self.offset, self.budget, self.window, self.sinks))
-        mx.eval(self.keys, self.values, self.positions)
-        self.prune_seconds += time.perf_counter() - start
+        if self.measure_prune_time:
+            mx.eval(self.keys, self.values, self.positions)
+            self.prune_seconds += time.perf_counter() - start
 
     def compact(self, keep):
-        """Keep only the tokens `keep` ([B, H_kv, K] indices into the buffer)."""
+        """Keep only the tokens `keep` ([B, H_kv, K] indices into the buffer, ascending)."""
         K = keep.shape[-1]
         capacity = K + self.divide_length  # room to decode until the next round
-        parts = []
-        for buf in (self.keys, self.values, self.positions):
+        positions = gather_tokens(self.token_positions(), keep)
+        buffers = []
+        for buf in (self.keys, self.values):
             kept = gather_tokens(buf[:, :, : self.length], keep)
             pad = list(kept.shape)
             pad[2] = capacity - K
-            parts.append(mx.concatenate([kept, mx.zeros(pad, kept.dtype)], axis=2))
-        self.keys, self.values, self.positions = parts
+            buffers.append(mx.concatenate([kept, mx.zeros(pad, kept.dtype)], axis=2))
+        self.keys, self.values = buffers
+        self.positions, self.kept = positions, K
         self.length = K
         self.trimmable_tokens = min(self.trimmable_tokens, self.window)
         self.prune_rounds += 1
@@ -184,7 +200,7 @@ class TriAttentionKVCache(_BaseCache):
         if not hasattr(self.scorer, "state"):
             raise ValueError(f"a cache scored by {self.scorer!r} cannot be saved")
         held = None if self.keys is None else (
-            self.keys[..., : self.length, :], self.values[..., : self.length, :], self.positions[..., : self.length])
+            self.keys[..., : self.length, :], self.values[..., : self.length, :], self.token_positions())
         return {
             "tokens": held,
             "offset": self.offset,
@@ -200,12 +216,12 @@ class TriAttentionKVCache(_BaseCache):
             int(x) for x in v["config"])
         self.offset = int(v["offset"])
         self.keys = self.values = self.positions = None
-        self.length = 0
+        self.length = self.kept = 0
         if v["tokens"] is not None:
             self.keys, self.values, self.positions = v["tokens"]
-            self.length = self.keys.shape[2]
+            self.length = self.kept = self.keys.shape[2]
         self.scorer = TriAttentionScorer.from_state(v["scorer"])
-        self.prune_seconds = 0.0
+        self.measure_prune_time, self.prune_seconds = False, 0.0
         self.shared = None
         if v["shared"] is not None:
             group_id, group_size = str(v["shared"][0]), int(v["shared"][1])
@@ -252,7 +268,7 @@ mlx_cache.TriAttentionKVCache = TriAttentionKVCache
 
 def make_prompt_cache(model, budget, stats=None, window=128, divide_length=128, sinks=0,
                       pruning_mode="per_head", aggregation="mean", terms="both",
-                      scorer_factory=None):
+                      scorer_factory=None, measure_prune_time=False):
     """One cache per layer: TriAttention caches for full-attention layers, the model's own
     caches (sliding-window, recurrent) elsewhere.
 
@@ -262,6 +278,8 @@ def make_prompt_cache(model, budget, stats=None, window=128, divide_length=128, 
         modules with recorders until triattn_mlx.remove_query_recorders(model).
     scorer_factory(layer_index, attention_info) -> scorer replaces TriAttention scoring
     (baselines and ablations); stats are then not needed.
+    measure_prune_time: time each prune round (prune_seconds); costs two synchronizations
+    per layer and round.
     """
     _check_sizes(budget, window, divide_length, sinks)
     if pruning_mode not in PRUNING_MODES:
@@ -304,5 +322,6 @@ def make_prompt_cache(model, budget, stats=None, window=128, divide_length=128, 
         else:
             scorer = TriAttentionScorer(stats.q_mean[i], stats.q_abs_mean[i], info.rope,
                                         info.n_kv_heads, aggregation=aggregation, terms=terms)
-        caches[i] = TriAttentionKVCache(budget, scorer, window, divide_length, sinks, shared)
+        caches[i] = TriAttentionKVCache(budget, scorer, window, divide_length, sinks, shared,
+                                        measure_prune_time)
     return caches

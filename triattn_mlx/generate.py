@@ -65,7 +65,7 @@ def check_args(args):
 def make_prompt_cache_options(args):
     _check_sizes(args.budget, args.window, args.divide_length, args.sinks)
     return dict(budget=args.budget, window=args.window, divide_length=args.divide_length,
-                sinks=args.sinks, pruning_mode=args.pruning_mode)
+                sinks=args.sinks, pruning_mode=args.pruning_mode, measure_prune_time=True)
 
 
 def build_cache(model, args, log=print):
