@@ -12,6 +12,7 @@ steps) are timed by the cache itself. KV bytes are the arrays the caches hold.
 import argparse
 import json
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -23,7 +24,7 @@ from triattn_mlx import make_prompt_cache
 from triattn_mlx.cache import cache_report
 
 
-def run(model, cache, N, decode_tokens, prefill_step=2048):
+def run(model, cache, N, decode_tokens, prefill_step=1024):
     tokens = mx.array(np.random.default_rng(0).integers(0, 1000, N + 1, dtype=np.int32))
     for start in range(0, N, prefill_step):
         logits = model(tokens[None, start : min(start + prefill_step, N)], cache=cache)
@@ -61,6 +62,7 @@ def main():
         f"TriAttention {args.budget} (timed prunes)": lambda: make_prompt_cache(
             model, args.budget, stats, measure_prune_time=True),
     }
+    kwargs = {"folder": Path(args.output)} if args.output else {}
     rows = []
     for N in args.lengths:
         for name, make in methods.items():
@@ -68,12 +70,10 @@ def main():
             row = {"N": N, "method": name, **run(model, cache, N, args.decode_tokens)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            # Written after every row: a later out-of-memory keeps what was measured.
+            write_json("speed", {"args": vars(args), "device": str(mx.default_device()), "rows": rows}, **kwargs)
             del cache
             mx.clear_cache()
-    from pathlib import Path
-
-    kwargs = {"folder": Path(args.output)} if args.output else {}
-    write_json("speed", {"args": vars(args), "device": str(mx.default_device()), "rows": rows}, **kwargs)
     with plot("speed", **kwargs) as (fig, ax):
         for name in methods:
             pts = [(r["N"], r["decode_tok_s"]) for r in rows if r["method"] == name]
