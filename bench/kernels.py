@@ -81,9 +81,7 @@ def decode_step_seconds(model, N):
         for c in cache:
             c.trim(1)
 
-    seconds = timed(step, repeats=10)
-    del cache
-    return seconds
+    return timed(step, repeats=10)
 
 
 def main():
@@ -114,7 +112,6 @@ def main():
             row["fused_share_of_decode_step"] = row.get("fused_s", row["mlx_ops_s"]) / row["decode_step_s"]
         rows.append(row)
         print(json.dumps(row))
-        del keys
     out = Path(args.output) if args.output else None
     kwargs = {"folder": out} if out else {}
     write_json("kernels", {"copy_GBps": copy / 1e9, "backend": kind, "rows": rows}, **kwargs)

@@ -40,7 +40,8 @@ def test_long_prompt_is_compressed_and_reported(real_model_dir):
     assert "estimating query centers from the prompt" in r.stderr  # no stats: the notice says so
     kept, seen = map(int, re.search(r"KV cache: (\d+) of (\d+) tokens", r.stdout).groups())
     assert kept < 64 + 16 and seen > 600
-    kv_mb, full_mb = map(float, re.search(r"tokens kept per head \(budget 64\), ([\d.]+) MB vs ([\d.]+) MB", r.stdout).groups())
+    sizes = re.search(r"tokens kept per head \(budget 64\), ([\d.]+) MB vs ([\d.]+) MB", r.stdout)
+    kv_mb, full_mb = map(float, sizes.groups())
     assert kv_mb < full_mb / 4
     assert int(re.search(r"Prune rounds: (\d+)", r.stdout).group(1)) > 5
 

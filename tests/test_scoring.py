@@ -8,7 +8,7 @@ import pytest
 from mlx_lm.models.rope_utils import initialize_rope
 
 from triattn_mlx.rope import probe_rope
-from triattn_mlx.scoring import TriAttentionScorer, geometric_offsets, gqa_max, zscore
+from triattn_mlx.scoring import TriAttentionScorer, geometric_offsets, gqa_max, triattention_scores, zscore
 
 D, BASE = 32, 10000.0
 
@@ -40,7 +40,9 @@ def reference_rope(scaling):
         return np.where(medium, (1 - smooth) * inv / factor + smooth * inv, out), np.ones(D // 2)
     if kind == "yarn":
         factor, orig = scaling["factor"], scaling["original_max_position_embeddings"]
-        corr = lambda rot: D * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(BASE))
+        def corr(rotations):
+            return D * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(BASE))
+
         lo, hi = max(math.floor(corr(scaling["beta_fast"])), 0), min(math.ceil(corr(scaling["beta_slow"])), D - 1)
         ramp = np.clip((np.arange(D // 2) - lo) / max(hi - lo, 1e-3), 0, 1)
         extrapolate = 1 - ramp  # 1: keep the original frequency, 0: interpolate by factor
@@ -111,7 +113,6 @@ def test_closed_form_matches_definition(scaling, traditional, aggregation):
     expected = brute_force_scores(q_center, q_abs, keys_pre, positions, t, omega, fs, offsets, aggregation)
 
     scorer = TriAttentionScorer(q_center, q_abs, geometry, n_kv, aggregation=aggregation)
-    from triattn_mlx.scoring import triattention_scores
     got = np.array(triattention_scores(cached, scorer.weights(t), scorer.c, scorer.pairs))[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_llama
-from triattn_mlx import StatsError, calibrate, load_stats, validate_stats
+from triattn_mlx import StatsError, calibrate, load_stats
 from triattn_mlx.stats import METADATA_KEY
 
 

@@ -10,12 +10,12 @@ import contextlib
 import importlib
 import sys
 
+from .cache import PRUNING_MODES, _check_sizes, cache_report, make_prompt_cache
+from .loading import load, resolve_stats
+
 # The module, not the function mlx_lm/__init__ exports under the same name.
 mlx_generate = importlib.import_module("mlx_lm.generate")
 _mlx_arg_parser = mlx_generate.setup_arg_parser
-
-from .cache import PRUNING_MODES, _check_sizes, cache_report, make_prompt_cache
-from .loading import load, resolve_stats
 
 DEFAULT_BUDGET = 2048
 

@@ -13,22 +13,14 @@ Metal path has not been run: it shares the CUDA twin's body line for line.
 
 import os
 from functools import lru_cache
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-
-def _sources_dir():
-    from importlib.resources import files
-
-    try:
-        return Path(str(files("triattn_mlx.kernel_sources")))
-    except (ModuleNotFoundError, TypeError):
-        return Path(__file__).resolve().parent.parent / "metal"
+from ._data import data_dir
 
 
-SOURCES = _sources_dir()
+SOURCES = data_dir("triattn_mlx.kernel_sources", "metal")
 FUSED_HEAD_DIMS = (64, 128, 256)
 FUSED_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 

@@ -5,20 +5,11 @@ from pathlib import Path
 
 import mlx_lm
 
+from ._data import data_dir
 from .gguf import convert_gguf
 from .stats import StatsError, load_stats
 
-def _stats_dir():
-    """Shipped stats: the repository's stats/ folder, installed as package data."""
-    from importlib.resources import files
-
-    try:
-        return Path(str(files("triattn_mlx.shipped_stats")))
-    except (ModuleNotFoundError, TypeError):
-        return Path(__file__).resolve().parent.parent / "stats"
-
-
-STATS_DIR = _stats_dir()
+STATS_DIR = data_dir("triattn_mlx.shipped_stats", "stats")  # shipped stats (stats/README.md)
 
 
 def _looks_local(spec):
