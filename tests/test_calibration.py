@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlx_lm.utils import _get_classes
 
-from triattn_mlx import StatsError, load_stats
+from triattn_mlx import StatsError, calibrate, load_stats
 from triattn_mlx.convert import convert, read_torch_stats
 from triattn_mlx.loading import STATS_DIR, resolve_stats, shipped_stats
 
@@ -51,6 +51,17 @@ def test_conversion_reproduces_the_shipped_files(name):
     np.testing.assert_allclose(converted.q_abs_mean, shipped.q_abs_mean, rtol=1e-6)
     raw = read_torch_stats(UPSTREAM / f"{SHIPPED[name]}.pt")["stats"]["layer03_head05"]
     np.testing.assert_array_equal(converted.q_mean[3, 5].real.astype(np.float32), raw["q_mean_real"])
+
+
+def test_shipped_stats_for_the_test_model_are_found_automatically(real_model, tmp_path, monkeypatch):
+    stats = shipped_stats(real_model[0])
+    assert stats.metadata["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert stats.metadata["tokens_used"] == 4096
+    # TRIATTN_STATS_DIR folders come first
+    own = calibrate(real_model[0], list(range(2, 200)), source="mine")
+    own.save(tmp_path / "mine.safetensors")
+    monkeypatch.setenv("TRIATTN_STATS_DIR", str(tmp_path))
+    assert shipped_stats(real_model[0]).metadata["source"] == "mine"
 
 
 def test_converter_rejects_what_is_not_a_reference_file(tmp_path):

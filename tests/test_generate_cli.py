@@ -1,5 +1,6 @@
 """`python -m triattn_mlx.generate` in a subprocess, on the real test model."""
 
+import json
 import re
 import subprocess
 import sys
@@ -9,9 +10,9 @@ import pytest
 from triattn_mlx.testing import prose_text, smollm2_gguf
 
 
-def run(*args, stdin=None, timeout=300):
+def run(*args, stdin=None, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "triattn_mlx.generate", *args], input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +38,28 @@ def test_long_prompt_is_compressed_and_reported(real_model_dir):
             "--budget", "64", "--window", "16", "--divide-length", "16", "--prefill-step-size", "128",
             "-m", "40", stdin=prompt)
     assert r.returncode == 0, r.stderr
-    assert "estimating query centers from the prompt" in r.stderr  # no stats: the notice says so
+    assert "estimating query centers" not in r.stderr  # --stats auto found the shipped SmolLM2 stats
     kept, seen = map(int, re.search(r"KV cache: (\d+) of (\d+) tokens", r.stdout).groups())
     assert kept < 64 + 16 and seen > 600
     sizes = re.search(r"tokens kept per head \(budget 64\), ([\d.]+) MB vs ([\d.]+) MB", r.stdout)
     kv_mb, full_mb = map(float, sizes.groups())
     assert kv_mb < full_mb / 4
     assert int(re.search(r"Prune rounds: (\d+)", r.stdout).group(1)) > 5
+
+
+def test_without_matching_stats_auto_self_calibrates_with_a_notice(real_model_dir, tmp_path):
+    # The same weights under another rope_theta: no shipped stats match this model.
+    folder = tmp_path / "other-theta"
+    folder.mkdir()
+    for f in real_model_dir.iterdir():
+        (folder / f.name).symlink_to(f)
+    config = json.loads((real_model_dir / "config.json").read_text())
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps(dict(config, rope_theta=50000.0)))
+    r = run("--model", str(folder), "--prompt", "What is the capital of France?", "--budget", "256", "-m", "8")
+    assert r.returncode == 0, r.stderr
+    assert "no shipped calibration stats match this model: estimating query centers" in r.stderr
+    assert "KV cache: " in r.stdout
 
 
 def test_no_compress_uses_a_full_cache(real_model_dir):

@@ -33,7 +33,7 @@ def concentration_report(stats):
     return "\n".join(lines)
 
 
-def plot_concentration(stats, path):
+def _pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -41,12 +41,18 @@ def plot_concentration(stats, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_concentration(stats, path):
+    plt = _pyplot()
     r = stats.head_concentration()
     fig, ax = plt.subplots(figsize=(max(5, r.shape[1] * 0.25 + 2), max(4, r.shape[0] * 0.2 + 1)))
-    image = ax.imshow(r, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    image = ax.imshow(r, aspect="auto", cmap="viridis", vmin=min(0.8, float(np.nanmin(r))), vmax=1)
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
-    ax.set_title(f"{stats.metadata.get('model_name', '')}: R of the dominant pair")
+    ax.set_title(f"{Path(str(stats.metadata.get('model_name', ''))).name}\nR of each head's dominant pair",
+                 fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -78,6 +84,8 @@ def main(argv=None):
             raise ValueError("--num-tokens must be >= 2 and --chunk-size >= 1")
         if not args.output.endswith(".safetensors"):
             raise ValueError(f"--output must end in .safetensors, got {args.output}")
+        if args.plot:
+            _pyplot()  # fail before the long run, not after it
         text = read_texts(args.text) if args.text else default_calibration_text()
         source = ", ".join(args.text) if args.text else "built-in corpus (Python help topics + inspect.py)"
         model, tokenizer = load(args.model)
@@ -90,7 +98,7 @@ def main(argv=None):
         with tqdm(total=len(tokens), unit="tok", desc="calibrating", file=sys.stderr) as bar:
             stats = calibrate(model, tokens, chunk_size=args.chunk_size, source=source,
                               progress=lambda done, total: bar.update(done - bar.n))
-        stats.metadata["model_name"] = str(args.model)
+        stats.metadata["model_name"] = Path(args.model).name if Path(args.model).exists() else args.model
         stats.save(args.output)
         print(f"wrote {args.output} ({len(tokens)} tokens)")
         print(concentration_report(stats))

@@ -1,6 +1,7 @@
 """Loading models and stats from what a user types: a folder, a hub repo id, a .gguf file."""
 
 import hashlib
+import os
 from pathlib import Path
 
 import mlx_lm
@@ -10,6 +11,13 @@ from .gguf import convert_gguf
 from .stats import StatsError, load_stats
 
 STATS_DIR = data_dir("triattn_mlx.shipped_stats", "stats")  # shipped stats (stats/README.md)
+
+
+def stats_dirs():
+    """Where `--stats auto` looks: TRIATTN_STATS_DIR (os.pathsep-separated folders of the
+    user's own stats files) first, then the shipped stats."""
+    extra = [Path(p) for p in os.environ.get("TRIATTN_STATS_DIR", "").split(os.pathsep) if p]
+    return [*extra, STATS_DIR]
 
 
 def _looks_local(spec):
@@ -35,13 +43,14 @@ def load(path_or_repo, **kwargs):
     return mlx_lm.load(str(path) if path.exists() else spec, **kwargs)
 
 
-def shipped_stats(model):
-    """Shipped stats whose metadata matches the model's attention geometry, or None."""
-    for path in sorted(STATS_DIR.glob("*.safetensors")):
-        try:
-            return load_stats(path, model)
-        except StatsError:
-            continue
+def shipped_stats(model, folders=None):
+    """Shipped (or TRIATTN_STATS_DIR) stats matching the model's attention geometry, or None."""
+    for folder in stats_dirs() if folders is None else folders:
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            try:
+                return load_stats(path, model)
+            except StatsError:
+                continue
     return None
 
 
