@@ -103,3 +103,12 @@ def test_stats_for_another_model_exit_2(real_model_dir, tmp_path):
     assert r.returncode == 2
     assert "stats do not match the model: num_layers is 2 in the stats file but 30 in the model" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_python_load_opens_a_gguf_file():
+    import triattn_mlx
+
+    model, tokenizer = triattn_mlx.load(smollm2_gguf())
+    assert len(model.layers) == 30 and tokenizer.encode("Hello")
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        triattn_mlx.load("./no/such/folder")
