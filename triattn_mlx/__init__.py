@@ -9,8 +9,16 @@ preload_openblas()  # before mlx is first imported (Linux CPU only; see _blas.py
 from .cache import SharedSelection, TriAttentionKVCache, make_prompt_cache
 from .loading import load
 from .scoring import TriAttentionScorer
-from .stats import (Stats, StatsError, calibrate, describe_model, install_query_recorders, load_stats,
-                    remove_query_recorders, validate_stats)
+from .stats import (
+    Stats,
+    StatsError,
+    calibrate,
+    describe_model,
+    install_query_recorders,
+    load_stats,
+    remove_query_recorders,
+    validate_stats,
+)
 
 __version__ = "0.1.0"
 

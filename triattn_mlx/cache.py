@@ -15,6 +15,7 @@ import uuid
 
 import mlx.core as mx
 import mlx_lm.models.cache as mlx_cache
+import numpy as np
 from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 
 from .model_info import attention_info, attention_module, model_layers
@@ -22,12 +23,10 @@ from .scoring import SelfCalibratedScorer, TriAttentionScorer
 from .selection import gather_tokens, select_tokens
 from .stats import Stats, install_query_recorders, load_stats, validate_stats
 
-import numpy as np
-
 PRUNING_MODES = ("per_layer_per_head", "per_head")
 
 
-def _check_sizes(budget, window, divide_length, sinks):
+def check_sizes(budget, window, divide_length, sinks):
     for name, value, low in (("budget", budget, 1), ("window", window, 0),
                              ("divide_length", divide_length, 1), ("sinks", sinks, 0)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
@@ -76,7 +75,7 @@ class TriAttentionKVCache(_BaseCache):
 
     def __init__(self, budget, scorer, window=128, divide_length=128, sinks=0, shared=None,
                  measure_prune_time=False):
-        _check_sizes(budget, window, divide_length, sinks)
+        check_sizes(budget, window, divide_length, sinks)
         if not callable(scorer):
             raise ValueError("scorer must be callable: (keys, positions, offset) -> scores")
         self.budget, self.window, self.divide_length, self.sinks = budget, window, divide_length, sinks
@@ -224,11 +223,13 @@ class TriAttentionKVCache(_BaseCache):
         self.measure_prune_time, self.prune_seconds = False, 0.0
         self.shared = None
         if v["shared"] is not None:
+            # load_prompt_cache rebuilds the layers one by one: they rejoin one group,
+            # which leaves the registry once complete (loading the file twice gives two).
             group_id, group_size = str(v["shared"][0]), int(v["shared"][1])
-            group = _LOADING_GROUPS.get(group_id)
-            if group is None or len(group.members) >= group_size:
-                group = _LOADING_GROUPS[group_id] = SharedSelection(group_id)
+            group = _LOADING_GROUPS.setdefault(group_id, SharedSelection(group_id))
             group.members.append(self)
+            if len(group.members) == group_size:
+                del _LOADING_GROUPS[group_id]
             self.shared = group
 
     @property
@@ -281,7 +282,7 @@ def make_prompt_cache(model, budget, stats=None, window=128, divide_length=128, 
     measure_prune_time: time each prune round (prune_seconds); costs two synchronizations
     per layer and round.
     """
-    _check_sizes(budget, window, divide_length, sinks)
+    check_sizes(budget, window, divide_length, sinks)
     if pruning_mode not in PRUNING_MODES:
         raise ValueError(f"pruning_mode must be one of {PRUNING_MODES}, got {pruning_mode!r}")
     layers = model_layers(model)

@@ -10,7 +10,7 @@ import contextlib
 import importlib
 import sys
 
-from .cache import PRUNING_MODES, _check_sizes, cache_report, make_prompt_cache
+from .cache import PRUNING_MODES, cache_report, check_sizes, make_prompt_cache
 from .loading import load, resolve_stats
 
 # The module, not the function mlx_lm/__init__ exports under the same name.
@@ -63,7 +63,7 @@ def check_args(args):
 
 
 def make_prompt_cache_options(args):
-    _check_sizes(args.budget, args.window, args.divide_length, args.sinks)
+    check_sizes(args.budget, args.window, args.divide_length, args.sinks)
     return dict(budget=args.budget, window=args.window, divide_length=args.divide_length,
                 sinks=args.sinks, pruning_mode=args.pruning_mode, measure_prune_time=True)
 

@@ -54,7 +54,7 @@ def _unpermute_rows(x, n_heads):
 
 
 def _tokenizer_json(meta):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, AddedToken
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     if _scalar(meta, "tokenizer.ggml.model") != "gpt2":
         raise ValueError("Only byte-level BPE (gpt2-style) GGUF tokenizers are supported")

@@ -19,7 +19,6 @@ import numpy as np
 
 from ._data import data_dir
 
-
 SOURCES = data_dir("triattn_mlx.kernel_sources", "metal")
 FUSED_HEAD_DIMS = (64, 128, 256)
 FUSED_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
