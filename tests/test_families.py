@@ -1,6 +1,7 @@
 """Calibration and the cache on each mlx-lm family with RoPE, from small configs with
 random weights: bounded under compression, identical to the model's own cache when the
-budget holds everything."""
+budget holds everything, and the model's own caches kept for sliding-window and
+recurrent/convolution layers."""
 
 import mlx.core as mx
 import numpy as np
@@ -26,6 +27,10 @@ FAMILIES = {
     "phi3": {"original_max_position_embeddings": 4096},
     "gpt_oss": {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 32,
                 "layer_types": ["sliding_attention", "full_attention"], "rope_scaling": YARN},
+    # hybrid: short-convolution layers (ArraysCache) around one attention layer
+    "lfm2": {"num_hidden_layers": 3, "norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3, "block_dim": 64,
+             "block_multiple_of": 16, "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": False,
+             "full_attn_idxs": [1]},
 }
 
 

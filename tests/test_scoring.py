@@ -19,6 +19,9 @@ SCALINGS = {
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
     "yarn": {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 256,
              "beta_fast": 32, "beta_slow": 1},
+    "longrope": {"rope_type": "longrope", "original_max_position_embeddings": 256,
+                 "short_factor": [1.0] * (D // 2), "long_factor": list(np.linspace(1.0, 4.0, D // 2))},
+    "partial": {"rope_type": "proportional", "partial_rotary_factor": 0.5},
 }
 
 
@@ -49,6 +52,13 @@ def reference_rope(scaling):
         inv_out = inv / factor * (1 - extrapolate) + inv * extrapolate
         mscale = 0.1 * math.log(factor) + 1.0
         return inv_out, np.full(D // 2, mscale)
+    if kind == "longrope":  # long factors divide the frequencies; mscale from the context ratio
+        factor = 4096 / scaling["original_max_position_embeddings"]
+        mscale = math.sqrt(1 + math.log(factor) / math.log(scaling["original_max_position_embeddings"]))
+        return inv / np.array(scaling["long_factor"]), np.full(D // 2, mscale)
+    if kind == "proportional":  # the first rotated_dims / 2 pairs rotate, the rest do not
+        rotated = int(D * scaling["partial_rotary_factor"]) // 2
+        return np.where(np.arange(D // 2) < rotated, inv, 0.0), np.ones(D // 2)
     raise ValueError(kind)
 
 
@@ -82,6 +92,8 @@ def brute_force_scores(q_center, q_abs, keys_pre, positions, t, omega, fs, offse
 @pytest.mark.parametrize("traditional", [False, True])
 @pytest.mark.parametrize("scaling", list(SCALINGS))
 def test_closed_form_matches_definition(scaling, traditional, aggregation):
+    if scaling == "longrope" and traditional:
+        pytest.skip("mlx-lm's longrope (SuScaledRoPE) is half-style only")
     rng = np.random.default_rng(0)
     H, n_kv, N, t = 4, 2, 40, 3000
     rope = initialize_rope(D, BASE, traditional, SCALINGS[scaling], max_position_embeddings=4096)
@@ -126,10 +138,20 @@ def test_closed_form_matches_definition(scaling, traditional, aggregation):
 def test_partial_rotary_pairs_unrotated_dims_as_plain_dot_product():
     import mlx.nn as nn
 
-    rope = nn.RoPE(16, base=BASE)  # rotates the first 16 of 32 coordinates
+    rope = nn.RoPE(16, base=BASE)  # rotates the first 16 of 32 coordinates (phi-style)
     g = probe_rope(rope, 32)
     assert (g.omega[:8] > 0).all() and (g.omega[8:] == 0).all()
-    assert sorted(g.pairs.ravel().tolist()) == list(range(32))
+    assert g.pairs[:8].tolist() == [[f, f + 8] for f in range(8)]
+    assert g.pairs[8:].tolist() == [[16 + i, 24 + i] for i in range(8)]
+    # With w = 0 the trig term of the unrotated pairs is their exact dot product with qbar.
+    rng = np.random.default_rng(1)
+    q_center = rng.normal(size=(1, 16)) + 1j * rng.normal(size=(1, 16))
+    keys = rng.normal(size=(1, 1, 5, 32)).astype(np.float32)
+    scorer = TriAttentionScorer(q_center, np.abs(q_center), g, 1)
+    w = np.array(scorer.weights(1000))[0]
+    qbar = np.zeros(32)
+    qbar[g.pairs[8:, 0]], qbar[g.pairs[8:, 1]] = q_center[0, 8:].real, q_center[0, 8:].imag
+    np.testing.assert_allclose(w[16:], qbar[16:], rtol=1e-6)
 
 
 def test_zscore_and_gqa_max_shapes():

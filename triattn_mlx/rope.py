@@ -42,10 +42,8 @@ def probe_rope(rope, head_dim):
         pairs.append((i, j))
         omega.append(np.arctan2(sin[i], cos[i]))
         scale.append(np.hypot(sin[i], cos[i]))
-    # Unrotated coordinates (partial rotary) are paired among themselves with w = 0: the
-    # score's complex form then reduces to their plain dot product, as attention sees them.
-    still = np.flatnonzero(~is_rotated)
-    for i, j in zip(still[0::2], still[1::2]):
+    traditional = bool(pairs) and all(j == i + 1 for i, j in pairs)
+    for i, j in _pair_unrotated(np.flatnonzero(~is_rotated), head_dim, traditional):
         pairs.append((i, j))
         omega.append(0.0)
         scale.append(abs(cos[i]))
@@ -55,19 +53,37 @@ def probe_rope(rope, head_dim):
     pairs = np.array(pairs, dtype=np.int64)
     order = np.argsort(pairs[:, 0], kind="stable")
     pairs, omega, scale = pairs[order], np.array(omega)[order], np.array(scale)[order]
-    rotated_pairs = pairs[omega > 0]
     exact = _declared_frequencies(rope)
-    if exact is not None and len(exact) >= len(rotated_pairs):
-        exact = exact[: len(rotated_pairs)]
+    n_rotated = int((omega > 0).sum())
+    if exact is not None and len(exact) >= n_rotated:
+        exact = exact[:n_rotated]
         # A probe only resolves w to float32 (~1e-8); over 65k-token offsets that is a
         # phase error of ~1e-3 rad. Take the module's own float64 values when they agree.
         if np.allclose(exact, omega[omega > 0], rtol=1e-5, atol=1e-7):
             omega[omega > 0] = exact
-    if len(rotated_pairs) and np.all(rotated_pairs[:, 1] == rotated_pairs[:, 0] + 1):
-        style = "traditional"
-    else:
-        style = "half"
-    return RopeGeometry(pairs, omega, scale, style)
+    return RopeGeometry(pairs, omega, scale, "traditional" if traditional else "half")
+
+
+def _pair_unrotated(still, head_dim, traditional):
+    """Pairs for the coordinates a partial-rotary rope leaves alone, with w = 0.
+
+    The math: for such a pair the trig term is Re(qbar conj(k)) = qbar . k, the exact
+    expected logit of those coordinates, however they are paired. Only the norm term,
+    (a - |qbar|) |k|, groups coordinates two by two; we group them as the rope lays out
+    its rotated pairs: neighbours for the traditional layout; (i, i + D/2) when both
+    halves are unrotated (ProportionalRoPE); else the first half of the unrotated block
+    with its second half (nn.RoPE(dims < D))."""
+    still = list(still)
+    half = head_dim // 2
+    if len(still) % 2:
+        raise ValueError(f"odd number of unrotated coordinates ({len(still)})")
+    if traditional:
+        return list(zip(still[0::2], still[1::2]))
+    lower = [i for i in still if i < half]
+    if sorted(lower + [i + half for i in lower]) == still:
+        return [(i, i + half) for i in lower]
+    n = len(still) // 2
+    return list(zip(still[:n], still[n:]))
 
 
 def _declared_frequencies(rope):
@@ -75,8 +91,8 @@ def _declared_frequencies(rope):
     `_freqs`; nn.RoPE keeps base and scale. None when it declares neither."""
     freqs = getattr(rope, "_freqs", None)
     if isinstance(freqs, mx.array):
-        inv = 1.0 / np.array(freqs, dtype=np.float64)
-        return inv[np.isfinite(1.0 / inv) & (inv > 0)]
+        freqs = np.array(freqs, dtype=np.float64)
+        return 1.0 / freqs[np.isfinite(freqs)]  # inf: a pair left unrotated (partial rotary)
     base, scale, dims = (getattr(rope, k, None) for k in ("base", "scale", "dims"))
     if base is not None and scale is not None and dims is not None:
         return scale * float(base) ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)
