@@ -112,3 +112,26 @@ def test_python_load_opens_a_gguf_file():
     assert len(model.layers) == 30 and tokenizer.encode("Hello")
     with pytest.raises(FileNotFoundError, match="model not found"):
         triattn_mlx.load("./no/such/folder")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "cannot read stats file"),
+    ("nan", "holds NaN or infinite values"),
+    ("head_dim", "head_dim is 32 in the stats file but 64 in the model"),
+])
+def test_damaged_stats_files_exit_2(real_model_dir, stats_file, tmp_path, damage, message):
+    from triattn_mlx import load_stats
+
+    path = tmp_path / f"{damage}.safetensors"
+    if damage == "truncate":
+        path.write_bytes(open(stats_file, "rb").read()[:1000])
+    else:
+        stats = load_stats(stats_file)
+        if damage == "nan":
+            stats.q_abs_mean[3, 2, 1] = float("nan")
+        else:
+            stats.q_mean, stats.q_abs_mean = stats.q_mean[..., :16], stats.q_abs_mean[..., :16]
+            stats.metadata["head_dim"] = 32
+        stats.save(path)
+    r = run("--model", str(real_model_dir), "--prompt", "hi", "--stats", str(path))
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
