@@ -146,7 +146,6 @@ def test_partial_rotary_pairs_unrotated_dims_as_plain_dot_product():
     # With w = 0 the trig term of the unrotated pairs is their exact dot product with qbar.
     rng = np.random.default_rng(1)
     q_center = rng.normal(size=(1, 16)) + 1j * rng.normal(size=(1, 16))
-    keys = rng.normal(size=(1, 1, 5, 32)).astype(np.float32)
     scorer = TriAttentionScorer(q_center, np.abs(q_center), g, 1)
     w = np.array(scorer.weights(1000))[0]
     qbar = np.zeros(32)
