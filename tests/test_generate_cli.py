@@ -32,18 +32,19 @@ def test_chat_prompt_answers_and_prints_statistics(real_model_dir, stats_file):
     assert "calibrating" not in r.stderr  # stats were given
 
 
-def test_long_prompt_is_compressed_and_reported(real_model_dir):
+@pytest.mark.parametrize("quantize", [[], ["--kv-bits", "4", "--kv-group-size", "32"]])
+def test_long_prompt_is_compressed_and_reported(real_model_dir, quantize):
     prompt = prose_text()[:3000]
     r = run("--model", str(real_model_dir), "--prompt", "-", "--ignore-chat-template",
             "--budget", "64", "--window", "16", "--divide-length", "16", "--prefill-step-size", "128",
-            "-m", "40", stdin=prompt)
+            "-m", "40", *quantize, stdin=prompt)
     assert r.returncode == 0, r.stderr
     assert "estimating query centers" not in r.stderr  # --stats auto found the shipped SmolLM2 stats
     kept, seen = map(int, re.search(r"KV cache: (\d+) of (\d+) tokens", r.stdout).groups())
     assert kept < 64 + 16 and seen > 600
     sizes = re.search(r"tokens kept per head \(budget 64\), ([\d.]+) MB vs ([\d.]+) MB", r.stdout)
     kv_mb, full_mb = map(float, sizes.groups())
-    assert kv_mb < full_mb / 4
+    assert kv_mb < full_mb / (20 if quantize else 4)  # 4-bit codes + scales vs float32
     assert int(re.search(r"Prune rounds: (\d+)", r.stdout).group(1)) > 5
 
 
@@ -80,6 +81,7 @@ def test_gguf_file_as_model(stats_file):
     (["--budget", "100", "--window", "128"], "budget (100) must be larger than window (128)"),
     (["--prompt", "  "], "the prompt is empty"),
     (["--max-kv-size", "512"], "--max-kv-size is replaced by --budget"),
+    (["--kv-bits", "7"], "kv bits must be one of 2, 3, 4, 5, 6, 8"),
     (["--stats", "/no/such/stats.safetensors"], "stats file not found"),
 ])
 def test_bad_input_exits_2_with_one_line(real_model_dir, args, message):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from triattn_mlx import kernels
-from triattn_mlx.scoring import triattention_scores
+from triattn_mlx.scoring import QuantizedKeys, triattention_scores
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -80,5 +80,38 @@ def test_fused_kernel_matches_mlx_ops_and_numpy(dtype, D, style, G):
     ops = np.array(triattention_scores(keys, mx.array(w), mx.array(c), mx.array(pairs)))
     packed = kernels.fused_weights(mx.array(w), mx.array(c), mx.array(pairs))
     fused = np.array(kernels.fused_scores(keys, packed, style))
+    np.testing.assert_allclose(fused, ref, atol=tolerance(dtype, ref))
+    np.testing.assert_allclose(fused, ops, atol=tolerance(dtype, ref))
+
+
+def quantized_case(D, G, style, dtype, bits, group_size, N=300, n_kv=2, B=1):
+    keys, w, c, pairs = case(D, G, style, dtype, N=N, n_kv=n_kv, B=B)
+    quantized = QuantizedKeys(*mx.quantize(keys, group_size=group_size, bits=bits), bits, group_size)
+    return quantized, w, c, pairs
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
+def test_quantized_keys_on_the_mlx_op_path_score_as_their_dequantized_values(bits, group_size):
+    keys, w, c, pairs = quantized_case(128, 4, "half", "float16", bits, group_size)
+    ref = numpy_reference(keys.dequantize(), w, c, pairs)
+    got = np.array(triattention_scores(keys.dequantize(), mx.array(w), mx.array(c), mx.array(pairs)))
+    np.testing.assert_allclose(got, ref, atol=tolerance("float16", ref))
+
+
+@needs_gpu
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (8, 64), (8, 128), (2, 64)])
+@pytest.mark.parametrize("style", ["half", "traditional"])
+@pytest.mark.parametrize("D", kernels.FUSED_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_quantized_kernel_matches_dequantize_then_score(dtype, D, style, bits, group_size):
+    """Parity of scoring on quantized keys (dequantized in registers) against MLX ops on
+    mx.dequantize'd keys and the numpy reference on the same dequantized values."""
+    keys, w, c, pairs = quantized_case(D, 4, style, dtype, bits, group_size, N=1000 + D, n_kv=2, B=2)
+    dense = keys.dequantize()
+    ref = numpy_reference(dense, w, c, pairs)
+    ops = np.array(triattention_scores(dense, mx.array(w), mx.array(c), mx.array(pairs)))
+    packed = kernels.fused_weights(mx.array(w), mx.array(c), mx.array(pairs))
+    assert kernels.can_fuse_quantized(keys[:3], bits, group_size, style)
+    fused = np.array(kernels.fused_scores_quantized(keys[:3], bits, group_size, packed, style))
     np.testing.assert_allclose(fused, ref, atol=tolerance(dtype, ref))
     np.testing.assert_allclose(fused, ops, atol=tolerance(dtype, ref))

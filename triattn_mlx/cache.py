@@ -16,14 +16,20 @@ import uuid
 import mlx.core as mx
 import mlx_lm.models.cache as mlx_cache
 import numpy as np
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 
 from .model_info import attention_info, attention_module, model_layers
-from .scoring import SelfCalibratedScorer, TriAttentionScorer
+from .scoring import QuantizedKeys, SelfCalibratedScorer, TriAttentionScorer
 from .selection import gather_tokens, select_tokens
 from .stats import Stats, install_query_recorders, load_stats, validate_stats
 
 PRUNING_MODES = ("per_layer_per_head", "per_head")
+
+
+def first(buffer):
+    """The array of a buffer that gives its shape: itself, or a quantized triple's packed part."""
+    return buffer[0] if isinstance(buffer, tuple) else buffer
 
 
 def check_sizes(budget, window, divide_length, sinks):
@@ -36,6 +42,13 @@ def check_sizes(budget, window, divide_length, sinks):
             f"budget ({budget}) must be larger than window ({window}) + sinks ({sinks}): "
             "those tokens are always kept and count in the budget"
         )
+
+
+def check_quantization(bits, group_size):
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"kv bits must be one of 2, 3, 4, 5, 6, 8, got {bits!r}")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"kv group size must be 32, 64 or 128, got {group_size!r}")
 
 
 class SharedSelection:
@@ -97,7 +110,7 @@ class TriAttentionKVCache(_BaseCache):
     # -- the mlx-lm cache surface ---------------------------------------------------------
     def update_and_fetch(self, keys, values):
         self._append(keys, values)
-        k, v = self.keys[..., : self.length, :], self.values[..., : self.length, :]
+        k, v = self._held()
         if self.length >= self.budget + self.divide_length:
             self._prune()
         return k, v
@@ -130,39 +143,59 @@ class TriAttentionKVCache(_BaseCache):
     def nbytes(self):
         if self.keys is None:
             return 0
-        return self.keys.nbytes + self.values.nbytes + (0 if self.positions is None else self.positions.nbytes)
+        held = sum(x.nbytes for _, x in tree_flatten((self.keys, self.values)))
+        return held + (0 if self.positions is None else self.positions.nbytes)
 
     def token_positions(self):
         """Absolute position of every cached token: [B, H_kv, size()] int32."""
-        B, n_kv = self.keys.shape[:2]
+        B, n_kv = first(self.keys).shape[:2]
         fresh = self.length - self.kept
         recent = mx.broadcast_to(mx.arange(self.offset - fresh, self.offset, dtype=mx.int32), (B, n_kv, fresh))
         if self.kept == 0:
             return recent
         return mx.concatenate([self.positions[..., : self.kept], recent], axis=2)
 
+    # -- storage: plain arrays here; (packed, scales, biases) in QuantizedTriAttentionKVCache --
+    def _held(self):
+        return tree_map(lambda x: x[..., : self.length, :], (self.keys, self.values))
+
+    def _stored(self, keys, values):
+        """New keys/values in storage form."""
+        return keys, values
+
+    def _scoring_keys(self):
+        """The held keys as the scorer takes them."""
+        return self.keys[..., : self.length, :]
+
+    def dense_bytes_per_token(self):
+        """Bytes one token takes in an unquantized cache (mlx-lm's KVCache) of this model."""
+        B, n_kv = self.keys.shape[:2]
+        return B * n_kv * (self.keys.shape[3] * self.keys.dtype.size + self.values.shape[3] * self.values.dtype.size)
+
     # -- lifecycle --------------------------------------------------------------------------
     def _append(self, keys, values):
         B, n_kv, N, _ = keys.shape
-        if self.keys is None or self.length + N > self.keys.shape[2]:
+        new = self._stored(keys, values)
+        if self.keys is None or self.length + N > first(self.keys).shape[2]:
             grow = (N + self.step - 1) // self.step * self.step
-            new = [mx.zeros((B, n_kv, grow, keys.shape[3]), keys.dtype),
-                   mx.zeros((B, n_kv, grow, values.shape[3]), values.dtype)]
+            room = tree_map(lambda x: mx.zeros((B, n_kv, grow, x.shape[3]), x.dtype), new)
             if self.keys is None:
-                self.keys, self.values = new
+                self.keys, self.values = room
             else:
-                old = (self.keys[..., : self.length, :], self.values[..., : self.length, :])
-                self.keys, self.values = (mx.concatenate([o, n], axis=2) for o, n in zip(old, new))
+                self.keys, self.values = tree_map(lambda o, n: mx.concatenate([o, n], axis=2), self._held(), room)
         end = self.length + N
-        self.keys[..., self.length : end, :] = keys
-        self.values[..., self.length : end, :] = values
+
+        def write(buf, x):
+            buf[..., self.length : end, :] = x
+
+        tree_map(write, (self.keys, self.values), new)
         self.length, self.offset = end, self.offset + N
         self.trimmable_tokens += N
 
     def _prune(self):
-        keys, positions = self.keys[..., : self.length, :], self.token_positions()
+        keys, positions = self._scoring_keys(), self.token_positions()
         if self.measure_prune_time:
-            mx.eval(keys, positions)  # what the forward pass owes is not scoring time
+            mx.eval(self._held(), positions)  # what the forward pass owes is not scoring time
         start = time.perf_counter()
         scores = self.scorer(keys, positions, self.offset)
         if self.shared is not None:
@@ -181,13 +214,14 @@ class TriAttentionKVCache(_BaseCache):
         K = keep.shape[-1]
         capacity = K + self.divide_length  # room to decode until the next round
         positions = gather_tokens(self.token_positions(), keep)
-        buffers = []
-        for buf in (self.keys, self.values):
-            kept = gather_tokens(buf[:, :, : self.length], keep)
+
+        def compacted(buf):
+            kept = gather_tokens(buf, keep)
             pad = list(kept.shape)
             pad[2] = capacity - K
-            buffers.append(mx.concatenate([kept, mx.zeros(pad, kept.dtype)], axis=2))
-        self.keys, self.values = buffers
+            return mx.concatenate([kept, mx.zeros(pad, kept.dtype)], axis=2)
+
+        self.keys, self.values = tree_map(compacted, self._held())
         self.positions, self.kept = positions, K
         self.length = K
         self.trimmable_tokens = min(self.trimmable_tokens, self.window)
@@ -198,8 +232,7 @@ class TriAttentionKVCache(_BaseCache):
     def state(self):
         if not hasattr(self.scorer, "state"):
             raise ValueError(f"a cache scored by {self.scorer!r} cannot be saved")
-        held = None if self.keys is None else (
-            self.keys[..., : self.length, :], self.values[..., : self.length, :], self.token_positions())
+        held = None if self.keys is None else (*self._held(), self.token_positions())
         return {
             "tokens": held,
             "offset": self.offset,
@@ -217,8 +250,9 @@ class TriAttentionKVCache(_BaseCache):
         self.keys = self.values = self.positions = None
         self.length = self.kept = 0
         if v["tokens"] is not None:
-            self.keys, self.values, self.positions = v["tokens"]
-            self.length = self.kept = self.keys.shape[2]
+            # load_prompt_cache gives nested lists where tuples were saved
+            self.keys, self.values, self.positions = (tuple(x) if isinstance(x, list) else x for x in v["tokens"])
+            self.length = self.kept = first(self.keys).shape[2]
         self.scorer = TriAttentionScorer.from_state(v["scorer"])
         self.measure_prune_time, self.prune_seconds = False, 0.0
         self.shared = None
@@ -241,6 +275,44 @@ class TriAttentionKVCache(_BaseCache):
         self.budget, self.window, self.divide_length, self.sinks = (int(x) for x in v)
 
 
+class QuantizedTriAttentionKVCache(TriAttentionKVCache):
+    """TriAttention eviction with keys/values stored quantized (mlx-lm's mx.quantize layout,
+    as in its QuantizedKVCache). `bits` makes mlx-lm models attend through its quantized
+    attention. TriAttention scoring reads the quantized keys (on a GPU the fused kernel
+    dequantizes them in registers; on CPU, MLX ops dequantize first); other scorers get
+    dequantized keys. Selection compacts the packed storage in place."""
+
+    def __init__(self, budget, scorer, window=128, divide_length=128, sinks=0, shared=None,
+                 measure_prune_time=False, bits=4, group_size=64):
+        check_quantization(bits, group_size)
+        super().__init__(budget, scorer, window, divide_length, sinks, shared, measure_prune_time)
+        self.bits, self.group_size = bits, group_size
+
+    def _stored(self, keys, values):
+        if keys.shape[-1] % self.group_size or values.shape[-1] % self.group_size:
+            raise ValueError(f"head_dim {keys.shape[-1]} is not a multiple of the kv group size {self.group_size}")
+        return (tuple(mx.quantize(keys, group_size=self.group_size, bits=self.bits)),
+                tuple(mx.quantize(values, group_size=self.group_size, bits=self.bits)))
+
+    def _scoring_keys(self):
+        keys = QuantizedKeys(*self._held()[0], self.bits, self.group_size)
+        return keys if getattr(self.scorer, "reads_quantized", False) else keys.dequantize()
+
+    def dense_bytes_per_token(self):
+        B, n_kv = self.keys[0].shape[:2]
+        dims = [x[0].shape[3] * 32 // self.bits for x in (self.keys, self.values)]
+        return B * n_kv * sum(dims) * self.keys[1].dtype.size
+
+    @property
+    def state(self):
+        return {**super().state, "quantization": [self.bits, self.group_size]}
+
+    @state.setter
+    def state(self, v):
+        TriAttentionKVCache.state.fset(self, v)
+        self.bits, self.group_size = (int(x) for x in v["quantization"])
+
+
 def cache_report(caches):
     """Measured state of a prompt cache: tokens kept vs seen, bytes held vs what a full
     cache of the same tokens would hold, prune rounds and their time."""
@@ -250,7 +322,7 @@ def cache_report(caches):
     for c in ours:
         if not c.empty():  # what mlx-lm's KVCache allocates for every token seen (256-token steps)
             allocated = -(-c.offset // KVCache.step) * KVCache.step
-            full += allocated * (c.keys.nbytes + c.values.nbytes) // c.keys.shape[2]
+            full += allocated * c.dense_bytes_per_token()
     return {
         "tokens_seen": max((c.offset for c in caches), default=0),
         "tokens_kept": max((c.size() for c in ours), default=None),
@@ -265,11 +337,12 @@ def cache_report(caches):
 
 # mlx-lm's load_prompt_cache finds cache classes by name in its own module.
 mlx_cache.TriAttentionKVCache = TriAttentionKVCache
+mlx_cache.QuantizedTriAttentionKVCache = QuantizedTriAttentionKVCache
 
 
 def make_prompt_cache(model, budget, stats=None, window=128, divide_length=128, sinks=0,
                       pruning_mode="per_head", aggregation="mean", terms="both",
-                      scorer_factory=None, measure_prune_time=False):
+                      scorer_factory=None, measure_prune_time=False, kv_bits=None, kv_group_size=64):
     """One cache per layer: TriAttention caches for full-attention layers, the model's own
     caches (sliding-window, recurrent) elsewhere.
 
@@ -281,8 +354,12 @@ def make_prompt_cache(model, budget, stats=None, window=128, divide_length=128, 
     (baselines and ablations); stats are then not needed.
     measure_prune_time: time each prune round (prune_seconds); costs two synchronizations
     per layer and round.
+    kv_bits (4 or 8; None: unquantized), kv_group_size: store the kept keys/values
+    quantized, as mlx-lm's QuantizedKVCache does (from the first token).
     """
     check_sizes(budget, window, divide_length, sinks)
+    if kv_bits is not None:
+        check_quantization(kv_bits, kv_group_size)
     if pruning_mode not in PRUNING_MODES:
         raise ValueError(f"pruning_mode must be one of {PRUNING_MODES}, got {pruning_mode!r}")
     layers = model_layers(model)
@@ -323,6 +400,10 @@ def make_prompt_cache(model, budget, stats=None, window=128, divide_length=128, 
         else:
             scorer = TriAttentionScorer(stats.q_mean[i], stats.q_abs_mean[i], info.rope,
                                         info.n_kv_heads, aggregation=aggregation, terms=terms)
-        caches[i] = TriAttentionKVCache(budget, scorer, window, divide_length, sinks, shared,
-                                        measure_prune_time)
+        if kv_bits is None:
+            caches[i] = TriAttentionKVCache(budget, scorer, window, divide_length, sinks, shared,
+                                            measure_prune_time)
+        else:
+            caches[i] = QuantizedTriAttentionKVCache(budget, scorer, window, divide_length, sinks, shared,
+                                                     measure_prune_time, kv_bits, kv_group_size)
     return caches

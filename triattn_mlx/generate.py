@@ -10,7 +10,7 @@ import contextlib
 import importlib
 import sys
 
-from .cache import PRUNING_MODES, cache_report, check_sizes, make_prompt_cache
+from .cache import PRUNING_MODES, cache_report, check_quantization, check_sizes, make_prompt_cache
 from .loading import load, resolve_stats
 
 # The module, not the function mlx_lm/__init__ exports under the same name.
@@ -50,9 +50,6 @@ def check_args(args):
     if args.max_kv_size is not None:
         raise ValueError("--max-kv-size is replaced by --budget (TriAttention keeps the best "
                          "--budget tokens per head instead of the most recent ones)")
-    if args.kv_bits is not None and not args.no_compress:
-        raise ValueError("--kv-bits is not supported with compression yet (use --no-compress "
-                         "for mlx-lm's quantized cache)")
     if args.draft_model is not None and not args.no_compress:
         raise ValueError("--draft-model is not supported with compression (speculative decoding "
                          "rewinds the cache past evicted tokens)")
@@ -64,8 +61,11 @@ def check_args(args):
 
 def make_prompt_cache_options(args):
     check_sizes(args.budget, args.window, args.divide_length, args.sinks)
+    if args.kv_bits is not None:
+        check_quantization(args.kv_bits, args.kv_group_size)
     return dict(budget=args.budget, window=args.window, divide_length=args.divide_length,
-                sinks=args.sinks, pruning_mode=args.pruning_mode, measure_prune_time=True)
+                sinks=args.sinks, pruning_mode=args.pruning_mode, measure_prune_time=True,
+                kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
 
 
 def build_cache(model, args, log=print):

@@ -37,13 +37,18 @@ def backend():
     return "mlx"
 
 
+FUSED_KV_BITS = (2, 4, 8)  # bit widths whose codes never straddle a 32-bit word
+
+
 @lru_cache(maxsize=None)
-def _kernel(kind):
+def _kernel(kind, storage="plain"):
+    """The score kernel for `kind` (metal/cuda) reading keys stored `plain` or `quantized`."""
     body = (SOURCES / "triattention_score.body").read_text()
     prologue = (SOURCES / f"prologue.{kind}").read_text()
     make = mx.fast.metal_kernel if kind == "metal" else mx.fast.cuda_kernel
-    return make(name=f"triattention_score_{kind}", input_names=["keys", "weights", "meta"],
-                output_names=["scores"], source=prologue + "\n" + body)
+    inputs = ["keys", "weights", "meta"] if storage == "plain" else ["keys", "scales", "biases", "weights", "meta"]
+    return make(name=f"triattention_score_{storage}_{kind}", input_names=inputs, output_names=["scores"],
+                header=(SOURCES / f"keys_{storage}.h").read_text(), source=prologue + "\n" + body)
 
 
 def fused_weights(w, c, pairs):
@@ -67,22 +72,44 @@ def can_fuse(keys, style):
     return style is not None and keys.shape[-1] in FUSED_HEAD_DIMS and keys.dtype in FUSED_DTYPES
 
 
-def fused_scores(keys, packed, style, kind=None, warps_per_group=8, target_warps=8192):
-    """The kernel's score: keys [B, H_kv, N, D], packed [H, 3, D/2] -> [B, H, N] float32."""
-    kind = kind or backend()
-    B, n_kv, N, D = keys.shape
-    H = packed.shape[0]
+def _launch(kernel, inputs, shape, n_heads, template, warps_per_group=8, target_warps=8192):
+    B, n_kv, N = shape
     # Enough warps to fill the GPU, each looping over several keys so that a group's
     # weight load is amortized over many keys.
     keys_per_warp = max(1, min(32, B * n_kv * N // target_warps))
     warps_y = -(-N // (keys_per_warp * warps_per_group)) * warps_per_group
     meta = mx.array([N, n_kv, warps_y], dtype=mx.int32)
-    (scores,) = _kernel(kind)(
-        inputs=[keys, packed, meta],
-        template=[("T", keys.dtype), ("D", D), ("G", H // n_kv), ("HALF", int(style == "half"))],
+    (scores,) = kernel(
+        inputs=[*inputs, meta],
+        template=[*template, ("G", n_heads // n_kv)],
         grid=(32, warps_y, B * n_kv),
         threadgroup=(32, warps_per_group, 1),
-        output_shapes=[(B, H, N)],
+        output_shapes=[(B, n_heads, N)],
         output_dtypes=[mx.float32],
     )
     return scores
+
+
+def fused_scores(keys, packed, style, kind=None, **launch):
+    """The kernel's score: keys [B, H_kv, N, D], packed [H, 3, D/2] -> [B, H, N] float32."""
+    B, n_kv, N, D = keys.shape
+    template = [("T", keys.dtype), ("D", D), ("HALF", int(style == "half"))]
+    return _launch(_kernel(kind or backend()), [keys, packed], (B, n_kv, N), packed.shape[0], template, **launch)
+
+
+def can_fuse_quantized(quantized_keys, bits, group_size, style):
+    codes, scales, _ = quantized_keys
+    D = codes.shape[-1] * 32 // bits
+    return (style is not None and bits in FUSED_KV_BITS and D in FUSED_HEAD_DIMS
+            and scales.dtype in FUSED_DTYPES and D % group_size == 0)
+
+
+def fused_scores_quantized(quantized_keys, bits, group_size, packed, style, kind=None, **launch):
+    """The same score read straight from quantized keys (codes [B, H_kv, N, D*bits/32] uint32,
+    scales, biases [B, H_kv, N, D/group_size]), dequantized in registers."""
+    codes, scales, biases = quantized_keys
+    B, n_kv, N, words = codes.shape
+    template = [("T", scales.dtype), ("D", words * 32 // bits), ("HALF", int(style == "half")),
+                ("BITS", bits), ("GS", group_size)]
+    return _launch(_kernel(kind or backend(), "quantized"), [codes, scales, biases, packed], (B, n_kv, N),
+                   packed.shape[0], template, **launch)

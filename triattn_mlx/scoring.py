@@ -10,6 +10,8 @@ With W laid out on the head_dim coordinates (real part on a pair's first coordin
 imaginary on its second), the trig term is one real dot product per key.
 """
 
+from typing import NamedTuple
+
 import mlx.core as mx
 import numpy as np
 
@@ -91,8 +93,22 @@ def gqa_max(scores, n_kv_heads):
     return scores.reshape(B, n_kv_heads, H // n_kv_heads, N).max(axis=2)
 
 
+class QuantizedKeys(NamedTuple):
+    """Keys as a quantized cache holds them (mx.quantize layout)."""
+    codes: mx.array  # [B, H_kv, N, D * bits / 32] uint32
+    scales: mx.array  # [B, H_kv, N, D / group_size]
+    biases: mx.array
+    bits: int
+    group_size: int
+
+    def dequantize(self):
+        return mx.dequantize(self.codes, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+
+
 class TriAttentionScorer:
     """Scores one layer's cached keys from that layer's calibrated query centers."""
+
+    reads_quantized = True  # takes QuantizedKeys: the fused kernel dequantizes in registers
 
     def __init__(self, q_center, q_abs_mean, geometry, n_kv_heads, aggregation="mean",
                  offsets=None, terms="both"):
@@ -124,6 +140,14 @@ class TriAttentionScorer:
     def __call__(self, keys, positions, offset):
         # keys: [B, H_kv, N, D], positions: [B, H_kv, N] -> [B, H_kv, N]
         t = offset - 1  # position of the newest key; future queries arrive at t + o
+        if isinstance(keys, QuantizedKeys):
+            q = keys[:3]
+            if (self.terms == "both" and self.aggregation == "mean" and kernels.backend() != "mlx"
+                    and kernels.can_fuse_quantized(q, keys.bits, keys.group_size, self.style)):
+                packed = kernels.fused_weights(self.weights(t), self.c, self.pairs)
+                raw = kernels.fused_scores_quantized(q, keys.bits, keys.group_size, packed, self.style)
+                return gqa_max(zscore(raw), self.n_kv_heads)
+            keys = keys.dequantize()
         if self.terms == "norm":
             raw = norm_scores(keys, self.c, self.pairs)
         elif self.terms == "trig":
