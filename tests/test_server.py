@@ -1,0 +1,299 @@
+"""`python -m triattn_mlx.server` on the real test model, over HTTP on 127.0.0.1.
+
+Reuse is checked against a replay through mlx-lm's public API: one TriAttention cache
+carried across the turns (trimmed back to the common prefix, then fed the rest), which is
+what the server's prompt cache must amount to."""
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from mlx_lm.generate import stream_generate
+
+from triattn_mlx import make_prompt_cache
+from triattn_mlx.corpus import prose_text
+from triattn_mlx.loading import shipped_stats
+
+BUDGET = 512  # the server's default in these tests; requests may send their own kv_budget
+PREFILL_STEP = 2048  # mlx_lm.server's default --prefill-step-size
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, port, log):
+        self.port, self.log = port, log
+
+    def request(self, method, path, body=None, raw=None, timeout=300):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        text = response.read().decode()
+        conn.close()
+        return response.status, text
+
+    def chat(self, messages, **options):
+        status, text = self.request("POST", "/v1/chat/completions",
+                                    {"messages": messages, "temperature": 0.0, **options})
+        assert status == 200, text
+        return json.loads(text)
+
+    def stream_chat(self, messages, **options):
+        """(content, seconds to the first content chunk, usage) of a streamed reply."""
+        body = {"messages": messages, "temperature": 0.0, "stream": True,
+                "stream_options": {"include_usage": True}, **options}
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+        start = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode())
+        response = conn.getresponse()
+        assert response.status == 200
+        content, first, usage, done = "", None, None, False
+        for _ in range(100_000):  # bounded: one line per token at most, plus keepalives
+            line = response.readline().decode()
+            if not line:
+                break
+            if not line.startswith("data: "):
+                continue
+            if line.strip() == "data: [DONE]":
+                done = True
+                break
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                first = first or time.perf_counter() - start
+                content += choice["delta"].get("content") or ""
+        conn.close()
+        assert done, "the stream did not end with [DONE]"
+        return content, first, usage
+
+    def cache_state(self):
+        status, text = self.request("GET", "/v1/triattention/cache")
+        assert status == 200, text
+        return json.loads(text)
+
+
+@pytest.fixture(scope="module")
+def server(real_model_dir, tmp_path_factory):
+    port = free_port()
+    home = tmp_path_factory.mktemp("hf-home")  # an empty hub cache: nothing to download
+    log_path = home / "server.log"
+    env = dict(os.environ, HF_HOME=str(home), HF_HUB_OFFLINE="1")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "triattn_mlx.server", "--model", str(real_model_dir),
+             "--port", str(port), "--budget", str(BUDGET), "--max-tokens", "32"],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+    srv = Server(port, log_path)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert proc.poll() is None, f"server exited:\n{log_path.read_text()[-3000:]}"
+            try:
+                if srv.request("GET", "/health", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("server did not come up in 180 s")
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def replay(real_model):
+    """Greedy replies computed in-process: a cache carried across turns like the server's."""
+    model, tokenizer = real_model
+    stats = shipped_stats(model)
+    assert stats is not None, "the shipped SmolLM2 stats should match the test model"
+
+    class Replay:
+        def __init__(self, budget):
+            self.cache = make_prompt_cache(model, budget, stats=stats)
+            self.history = []
+
+        def reply(self, messages, max_tokens):
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            common = 0
+            for a, b in zip(self.history, prompt):
+                if a != b:
+                    break
+                common += 1
+            prefix = min(common, len(prompt) - 1)
+            n = len(self.history) - prefix
+            if n:
+                assert all(c.trim(n) == n for c in self.cache), "the replay could not trim its cache"
+            text, tokens = "", []
+            for r in stream_generate(model, tokenizer, prompt[prefix:], max_tokens=max_tokens,
+                                     prompt_cache=self.cache, prefill_step_size=PREFILL_STEP):
+                text += r.text
+                tokens.append(r.token)
+                if r.finish_reason is not None:
+                    break
+            self.history = prompt + tokens
+            return prompt, text
+
+    return Replay
+
+
+def test_models_and_chat_answer_like_mlx_lm_server(server, real_model_dir):
+    status, text = server.request("GET", "/v1/models")
+    assert status == 200
+    models = json.loads(text)
+    assert models["object"] == "list"
+    assert str(real_model_dir.resolve()) in [m["id"] for m in models["data"]]
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = server.chat(messages, max_tokens=12)
+    assert reply["object"] == "chat.completion"
+    content = reply["choices"][0]["message"]["content"]
+    assert content.strip() and reply["choices"][0]["finish_reason"] in ("stop", "length")
+    assert reply["usage"]["completion_tokens"] <= 12
+
+    streamed, _, usage = server.stream_chat(messages, max_tokens=12)
+    assert streamed == content
+    assert usage["completion_tokens"] == reply["usage"]["completion_tokens"]
+
+
+def prose_turns(tokenizer, n_turns, tokens_per_turn):
+    ids = tokenizer.encode(prose_text())
+    return [tokenizer.decode(ids[i * tokens_per_turn : (i + 1) * tokens_per_turn])
+            + "\n\nSummarize the text above in one sentence." for i in range(n_turns)]
+
+
+def run_conversation(server, replay, tokenizer, n_turns, tokens_per_turn, budget, max_tokens=24):
+    """Turns 1..n through the server (streamed, timed) and through the replay; then the
+    same history with an edited first message, which must be recomputed."""
+    options = {"max_tokens": max_tokens, "kv_budget": budget}
+    reference = replay(budget)
+    messages, rows = [], []
+    for i, text in enumerate(prose_turns(tokenizer, n_turns, tokens_per_turn)):
+        messages.append({"role": "user", "content": text})
+        content, seconds, usage = server.stream_chat(messages, **options)
+        prompt, expected = reference.reply(messages, max_tokens)
+        assert usage["prompt_tokens"] == len(prompt)
+        assert content == expected, f"turn {i + 1}: reuse changed the reply"
+        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        state = [c for c in server.cache_state()["caches"] if c["budget"] == budget]
+        assert state and all(c["tokens_kept"] < budget + c["divide_length"] for c in state)
+        rows.append(dict(turn=i + 1, prompt_tokens=len(prompt), cached_tokens=cached, seconds=seconds,
+                         kv_bytes=max(c["kv_bytes"] for c in state),
+                         full_kv_bytes=max(c["full_kv_bytes"] for c in state)))
+        messages.append({"role": "assistant", "content": content})
+    # Edited history: it diverges inside evicted tokens, so nothing can be reused.
+    edited = [{"role": "system", "content": "Answer briefly."}] + messages[:-1]
+    content, fresh_seconds, usage = server.stream_chat(edited, **options)
+    assert usage.get("prompt_tokens_details", {}).get("cached_tokens", 0) == 0
+    assert content == replay(budget).reply(edited, max_tokens)[1]
+    for row in rows:
+        print(row)
+    print(f"fresh prefill of the whole history ({usage['prompt_tokens']} tokens): {fresh_seconds:.2f} s")
+    return rows, fresh_seconds
+
+
+def check_reuse(rows, fresh_seconds):
+    for row in rows[1:]:
+        assert row["cached_tokens"] >= rows[0]["prompt_tokens"], row  # continued, not recomputed
+        assert row["seconds"] < fresh_seconds / 2, row
+
+
+def test_conversation_reuses_the_compressed_cache(server, replay, real_model):
+    rows, fresh = run_conversation(server, replay, real_model[1], n_turns=3, tokens_per_turn=400, budget=256)
+    check_reuse(rows, fresh)
+
+
+@pytest.mark.slow
+def test_six_turn_conversation_at_budget_512(server, replay, real_model):
+    rows, fresh = run_conversation(server, replay, real_model[1], n_turns=6, tokens_per_turn=800,
+                                   budget=BUDGET)
+    check_reuse(rows, fresh)
+    assert rows[-1]["kv_bytes"] * 4 < rows[-1]["full_kv_bytes"]
+
+
+def test_concurrent_clients(server, replay):
+    prompts = [[{"role": "user", "content": f"Client {c}, question {q}: name a {w}."}]
+               for c in range(4) for q, w in enumerate(("color", "fruit", "city"))]
+    expected = [replay(BUDGET).reply(p, 8)[1] for p in prompts]
+    replies = [None] * len(prompts)
+
+    def client(c):
+        for q in range(3):
+            i = 3 * c + q
+            replies[i] = server.chat(prompts[i], max_tokens=8)["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not any(t.is_alive() for t in threads)
+    assert replies == expected
+
+
+@pytest.mark.parametrize("body,status,message", [
+    (b'{"messages": [', 400, "Invalid JSON"),
+    (b'[1, 2]', 400, "JSON dictionary"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 400, "temperature"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}', 400, "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000000000}', 400, "context length"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "kv_budget": "big"}', 400, "kv_budget"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "kv_budget": 64}', 400, "kv_budget"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "model": "no-such-org/no-such-model"}', 404, ""),
+])
+def test_bad_requests_get_a_status_and_the_server_keeps_serving(server, body, status, message):
+    got, text = server.request("POST", "/v1/chat/completions", raw=body)
+    assert got == status, text
+    assert message in text
+    assert server.chat([{"role": "user", "content": "Say hi."}], max_tokens=4)["choices"]
+
+
+def test_client_disconnecting_mid_stream(server):
+    body = {"messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "stream": True, "max_tokens": 4000, "temperature": 0.0}
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=300) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+        received = b""
+        for _ in range(1000):  # until the first token arrives
+            received += sock.recv(4096)
+            if b"data: {" in received:
+                break
+        assert b"200 OK" in received
+    start = time.perf_counter()
+    reply = server.chat([{"role": "user", "content": "Say hi."}], max_tokens=4)
+    assert reply["choices"][0]["message"]["content"]
+    # 4000 tokens take minutes here: the abandoned request must have stopped early.
+    assert time.perf_counter() - start < 60
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--budget", "100"], "budget (100) must be larger than window"),
+    (["--kv-bits", "4", "--kv-group-size", "48"], "kv group size must be 32, 64 or 128"),
+    (["--draft-model", "x"], "--draft-model is not supported"),
+    (["--model", "/no/such/model"], "model not found"),
+])
+def test_cli_refuses_bad_flags_with_one_line(real_model_dir, args, message):
+    argv = [sys.executable, "-m", "triattn_mlx.server", "--model", str(real_model_dir),
+            "--port", str(free_port()), *args]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
