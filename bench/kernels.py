@@ -103,10 +103,20 @@ def main():
         row["mlx_ops_s"] = timed(lambda: mx.eval([triattention_scores(k, w, c, pairs) for k in keys]))
         if kind != "mlx":
             row["fused_s"] = timed(lambda: mx.eval([kernels.fused_scores(k, packed, "half") for k in keys]))
-        for path in ("mlx_ops", "fused"):
+        # 4-bit keys (group 64): bytes read are the codes, scales and biases
+        quantized = [mx.quantize(k, group_size=64, bits=4) for k in keys]
+        mx.eval(quantized)
+        row["q4_key_bytes"] = q4_bytes = sum(x.nbytes for q in quantized for x in q)
+        row["q4_mlx_ops_s"] = timed(lambda: mx.eval([
+            triattention_scores(mx.dequantize(*q, group_size=64, bits=4), w, c, pairs) for q in quantized]))
+        if kind != "mlx":
+            row["q4_fused_s"] = timed(lambda: mx.eval([
+                kernels.fused_scores_quantized(q, 4, 64, packed, "half") for q in quantized]))
+        for path in ("mlx_ops", "fused", "q4_mlx_ops", "q4_fused"):
             if f"{path}_s" in row:
-                row[f"{path}_GBps"] = nbytes / row[f"{path}_s"] / 1e9
-                row[f"{path}_of_copy"] = nbytes / row[f"{path}_s"] / copy
+                read = q4_bytes if path.startswith("q4") else nbytes
+                row[f"{path}_GBps"] = read / row[f"{path}_s"] / 1e9
+                row[f"{path}_of_copy"] = read / row[f"{path}_s"] / copy
         if args.decode:
             row["decode_step_s"] = decode_step_seconds(model, N)
             row["fused_share_of_decode_step"] = row.get("fused_s", row["mlx_ops_s"]) / row["decode_step_s"]
@@ -117,11 +127,11 @@ def main():
     write_json("kernels", {"copy_GBps": copy / 1e9, "backend": kind, "rows": rows}, **kwargs)
     with plot("kernels", **kwargs) as (fig, ax):
         x = np.arange(len(rows))
-        for i, path in enumerate(("mlx_ops", "fused")):
+        for i, path in enumerate(("mlx_ops", "fused", "q4_mlx_ops", "q4_fused")):
             if f"{path}_GBps" in rows[0]:
-                ax.bar(x + 0.4 * i, [r[f"{path}_GBps"] for r in rows], width=0.4, label=path)
+                ax.bar(x + 0.2 * i, [r[f"{path}_GBps"] for r in rows], width=0.2, label=path)
         ax.axhline(copy / 1e9, color="k", linestyle="--", label="copy bandwidth")
-        ax.set_xticks(x + 0.2, [f"N={r['N']}" for r in rows])
+        ax.set_xticks(x + 0.3, [f"N={r['N']}" for r in rows])
         ax.set_ylabel("GB/s of keys read")
         ax.set_title(f"TriAttention scoring, Qwen3-8B shapes ({mx.default_device()})")
         ax.legend()

@@ -5,8 +5,11 @@
 A random-weight 4-bit model with Qwen3-8B's config (decodes at the real model's speed) is
 prefilled with N random tokens, then decodes --decode-tokens tokens. The decode rate
 excludes prefill. A plain bounded cache of the budget's size (RotatingKVCache) is the
-ceiling no eviction method can beat; TriAttention's prune rounds (every divide_length
-steps) are timed by the cache itself. KV bytes are the arrays the caches hold.
+ceiling no eviction method can beat. mlx-lm's QuantizedKVCache (8 and 4 bits, no eviction)
+is timed too. The prune share (scoring + selection + compaction as a fraction of decode
+time) comes from a second TriAttention run that synchronizes every step: a step that runs
+a prune round costs its excess over the median plain step. KV bytes are the arrays the
+caches hold.
 """
 
 import argparse
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from bench.common import plot, write_json
 from bench.kernels import qwen3_8b_4bit
@@ -24,13 +27,18 @@ from triattn_mlx import make_prompt_cache
 from triattn_mlx.cache import cache_report
 
 
-def run(model, cache, N, decode_tokens, prefill_step=1024):
+def prefill(model, cache, N, prefill_step=1024):
     tokens = mx.array(np.random.default_rng(0).integers(0, 1000, N + 1, dtype=np.int32))
     for start in range(0, N, prefill_step):
         logits = model(tokens[None, start : min(start + prefill_step, N)], cache=cache)
         mx.eval(logits, [c.keys for c in cache])
-    report_before = cache_report(cache)
-    y = tokens[N:][None]
+    return tokens[N:][None]
+
+
+def run(model, cache, N, decode_tokens):
+    """Decode rate, pipelined as mlx-lm's generate does (one step in flight)."""
+    y = prefill(model, cache, N)
+    rounds = cache_report(cache)["prune_rounds"]
     mx.synchronize()
     start = time.perf_counter()
     for _ in range(decode_tokens):
@@ -39,10 +47,28 @@ def run(model, cache, N, decode_tokens, prefill_step=1024):
     mx.eval(y)
     seconds = time.perf_counter() - start
     report = cache_report(cache)
-    prune = report["prune_seconds"] - report_before["prune_seconds"]
-    return {"decode_tok_s": decode_tokens / seconds, "decode_s": seconds, "prune_s": prune,
-            "prune_share": prune / seconds, "kv_bytes": report["kv_bytes"],
-            "prune_rounds": report["prune_rounds"]}
+    return {"decode_tok_s": decode_tokens / seconds, "decode_s": seconds, "kv_bytes": report["kv_bytes"],
+            "prune_rounds": report["prune_rounds"] - rounds}
+
+
+def run_per_step(model, cache, N, decode_tokens):
+    """Prune share: every step synchronized and timed; steps that ran a prune round cost
+    their excess over the median of the others."""
+    y = prefill(model, cache, N)
+    times, pruned = [], []
+    for _ in range(decode_tokens):
+        rounds = cache_report(cache)["prune_rounds"]
+        start = time.perf_counter()
+        y = model(y, cache=cache)[:, -1:].argmax(-1)
+        mx.eval(y)
+        times.append(time.perf_counter() - start)
+        pruned.append(cache_report(cache)["prune_rounds"] > rounds)
+    times, pruned = np.array(times), np.array(pruned)
+    base = float(np.median(times[~pruned]))
+    excess = float((times[pruned] - base).sum())
+    return {"decode_tok_s": decode_tokens / times.sum(), "prune_rounds": int(pruned.sum()),
+            "step_median_s": base, "prune_round_s": excess / max(1, pruned.sum()),
+            "prune_share": excess / float(times.sum()), "kv_bytes": cache_report(cache)["kv_bytes"]}
 
 
 def main():
@@ -56,18 +82,21 @@ def main():
     stats = "stats/qwen3-8b.safetensors"
     methods = {
         "full KV": lambda: [KVCache() for _ in model.layers],
+        "QuantizedKVCache 8-bit": lambda: [QuantizedKVCache(bits=8) for _ in model.layers],
+        "QuantizedKVCache 4-bit": lambda: [QuantizedKVCache(bits=4) for _ in model.layers],
         f"RotatingKVCache({args.budget})": lambda: [RotatingKVCache(args.budget, keep=4) for _ in model.layers],
         f"TriAttention {args.budget}": lambda: make_prompt_cache(model, args.budget, stats),
-        # The same, with each prune round synchronized and timed: gives the prune share.
-        f"TriAttention {args.budget} (timed prunes)": lambda: make_prompt_cache(
-            model, args.budget, stats, measure_prune_time=True),
+        f"TriAttention {args.budget} 4-bit": lambda: make_prompt_cache(model, args.budget, stats, kv_bits=4),
+        # The same, each step synchronized and timed: gives the prune share.
+        f"TriAttention {args.budget} (per-step timing)": lambda: make_prompt_cache(model, args.budget, stats),
     }
     kwargs = {"folder": Path(args.output)} if args.output else {}
     rows = []
     for N in args.lengths:
         for name, make in methods.items():
             cache = make()
-            row = {"N": N, "method": name, **run(model, cache, N, args.decode_tokens)}
+            measure = run_per_step if "per-step" in name else run
+            row = {"N": N, "method": name, **measure(model, cache, N, args.decode_tokens)}
             rows.append(row)
             print(json.dumps(row), flush=True)
             # Written after every row: a later out-of-memory keeps what was measured.
@@ -75,7 +104,7 @@ def main():
             del cache
             mx.clear_cache()
     with plot("speed", **kwargs) as (fig, ax):
-        for name in methods:
+        for name in [m for m in methods if "per-step" not in m]:
             pts = [(r["N"], r["decode_tok_s"]) for r in rows if r["method"] == name]
             ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_xscale("log", base=2)

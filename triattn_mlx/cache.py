@@ -212,16 +212,11 @@ class TriAttentionKVCache(_BaseCache):
     def compact(self, keep):
         """Keep only the tokens `keep` ([B, H_kv, K] indices into the buffer, ascending)."""
         K = keep.shape[-1]
-        capacity = K + self.divide_length  # room to decode until the next round
         positions = gather_tokens(self.token_positions(), keep)
-
-        def compacted(buf):
-            kept = gather_tokens(buf, keep)
-            pad = list(kept.shape)
-            pad[2] = capacity - K
-            return mx.concatenate([kept, mx.zeros(pad, kept.dtype)], axis=2)
-
-        self.keys, self.values = tree_map(compacted, self._held())
+        # One gather per buffer also makes room to decode until the next round: the
+        # divide_length slots after the kept tokens take copies of token 0 (never read).
+        room = mx.concatenate([keep, mx.zeros((*keep.shape[:2], self.divide_length), keep.dtype)], axis=-1)
+        self.keys, self.values = tree_map(lambda buf: gather_tokens(buf, room), self._held())
         self.positions, self.kept = positions, K
         self.length = K
         self.trimmable_tokens = min(self.trimmable_tokens, self.window)
@@ -278,9 +273,10 @@ class TriAttentionKVCache(_BaseCache):
 class QuantizedTriAttentionKVCache(TriAttentionKVCache):
     """TriAttention eviction with keys/values stored quantized (mlx-lm's mx.quantize layout,
     as in its QuantizedKVCache). `bits` makes mlx-lm models attend through its quantized
-    attention. TriAttention scoring reads the quantized keys (on a GPU the fused kernel
-    dequantizes them in registers; on CPU, MLX ops dequantize first); other scorers get
-    dequantized keys. Selection compacts the packed storage in place."""
+    attention. TriAttention scoring takes the quantized keys (MLX ops dequantize them; a
+    fused kernel that dequantizes in registers is written but off until verified on a GPU,
+    see kernels.quantized_kernel_enabled); other scorers get dequantized keys. Selection
+    compacts the packed storage in place."""
 
     def __init__(self, budget, scorer, window=128, divide_length=128, sinks=0, shared=None,
                  measure_prune_time=False, bits=4, group_size=64):

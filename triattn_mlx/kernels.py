@@ -5,10 +5,12 @@ kernel and its CUDA twin; a short prologue maps thread indices, group memory and
 barriers). On an Apple GPU they run through mx.fast.metal_kernel, on an NVIDIA GPU
 through mx.fast.cuda_kernel, and elsewhere (CPU) the MLX-op path in scoring.py is used.
 
-What was verified where: the CUDA twin and the MLX-op path were checked against each
-other and against a numpy reference on an NVIDIA H100 (tests/test_kernels.py run there);
-the MLX-op path is checked on CPU in the default test suite. No Mac was available, so the
-Metal path has not been run: it shares the CUDA twin's body line for line.
+What was verified where: for plain keys, the CUDA twin and the MLX-op path were checked
+against each other and against a numpy reference on an NVIDIA H100 (tests/test_kernels.py
+run there); the MLX-op path is checked on CPU in the default test suite. No Mac was
+available, so the Metal path has not been run: it shares the CUDA twin's body line for
+line. The quantized-keys variant (keys_quantized.h) has not run anywhere yet: it is off
+unless TRIATTN_FUSED_QUANTIZED=1 (see quantized_kernel_enabled).
 """
 
 import os
@@ -38,6 +40,13 @@ def backend():
 
 
 FUSED_KV_BITS = (2, 4, 8)  # bit widths whose codes never straddle a 32-bit word
+
+
+def quantized_kernel_enabled():
+    """The quantized-keys kernel has not yet run on any GPU (no device was available when
+    it was written): until tests/test_kernels.py has passed on one, scoring dequantizes with
+    MLX ops first. TRIATTN_FUSED_QUANTIZED=1 opts in."""
+    return os.environ.get("TRIATTN_FUSED_QUANTIZED") == "1"
 
 
 @lru_cache(maxsize=None)
@@ -98,6 +107,7 @@ def fused_scores(keys, packed, style, kind=None, **launch):
 
 
 def can_fuse_quantized(quantized_keys, bits, group_size, style):
+    """Whether the kernel supports these keys (the dispatcher also asks quantized_kernel_enabled)."""
     codes, scales, _ = quantized_keys
     D = codes.shape[-1] * 32 // bits
     return (style is not None and bits in FUSED_KV_BITS and D in FUSED_HEAD_DIMS
