@@ -100,7 +100,8 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
             # Written after every row: a later out-of-memory keeps what was measured.
-            write_json("speed", {"args": vars(args), "device": str(mx.default_device()), "rows": rows}, **kwargs)
+            write_json("speed", {"args": vars(args), "device": str(mx.default_device()), "rows": rows,
+                                 "model_dtype": str(model.model.norm.weight.dtype).split(".")[-1]}, **kwargs)
             del cache
             mx.clear_cache()
     with plot("speed", **kwargs) as (fig, ax):
