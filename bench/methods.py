@@ -1,8 +1,8 @@
 """Every KV strategy the benchmarks compare, built the same way: name -> cache maker.
 
-All eviction methods run in the same TriAttentionKVCache (same budget, window 128,
-divide_length 128, same selection); only the scoring differs. mlx-lm's own caches are
-used as they are.
+All eviction methods run in the same TriAttentionKVCache (same budget, protected window
+min(128, budget / 2), divide_length 128, same selection); only the scoring differs.
+mlx-lm's own caches are used as they are.
 """
 
 from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache
@@ -15,24 +15,31 @@ from triattn_mlx.baselines import (attention_scorer_factory, key_norm_scores, ra
 TRIATTENTION = "TriAttention (per_head)"  # the project's default
 
 
+def window(budget):
+    """The protected recent window: the cache default (128) where the budget allows."""
+    return min(128, budget // 2)
+
+
 def methods(stats):
     """{name: make(model, budget) -> cache}. `stats`: calibrated on other text."""
 
+    def cache(model, budget, **options):
+        return make_prompt_cache(model, budget, window=window(budget), **options)
+
     def tri(**options):
-        return lambda model, budget: make_prompt_cache(model, budget, stats=stats, **options)
+        return lambda model, budget: cache(model, budget, stats=stats, **options)
 
     def scored(scorer, **options):
-        return lambda model, budget: make_prompt_cache(model, budget, scorer_factory=lambda i, info: scorer,
-                                                       **options)
+        return lambda model, budget: cache(model, budget, scorer_factory=lambda i, info: scorer, **options)
 
     def attention(kind):
-        return lambda model, budget: make_prompt_cache(model, budget, scorer_factory=attention_scorer_factory(
-            model, kind), pruning_mode="per_layer_per_head")
+        return lambda model, budget: cache(model, budget, scorer_factory=attention_scorer_factory(model, kind),
+                                           pruning_mode="per_layer_per_head")
 
     return {
         TRIATTENTION: tri(),
         "TriAttention (per_layer_per_head)": tri(pruning_mode="per_layer_per_head"),
-        "TriAttention (self-calibrated)": lambda model, budget: make_prompt_cache(model, budget, stats="self"),
+        "TriAttention (self-calibrated)": lambda model, budget: cache(model, budget, stats="self"),
         "TriAttention trig term only": tri(terms="trig"),
         "TriAttention norm term only": tri(terms="norm"),
         "StreamingLLM (4 sinks + recent)": scored(recency_scores, sinks=4),

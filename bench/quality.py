@@ -13,8 +13,9 @@ text contains. Three measurements, all against full attention (mlx-lm KVCache):
   a prose context; at the end its first 4 tokens are repeated and the score is the share
   of the following tokens the model predicts (teacher-forced argmax). Full attention's
   score is the ceiling: a classic passkey prompt does not work on this 135M model.
-- fidelity: greedy continuation of a long prompt; the share of the first N generated
-  tokens equal to full attention's, position by position, and the common prefix length.
+- fidelity: greedy continuation of long prose prompts; the share of the first N generated
+  tokens equal to full attention's, position by position, and the common prefix length,
+  averaged over the prompts.
 mlx-lm's QuantizedKVCache (keeps every token, 4 or 8 bits) is compared at equal memory:
 its rows carry the KV bytes measured at the end, as every row does.
 Results: results/cpu/quality[-quick].json and .png (written after every row).
@@ -36,9 +37,10 @@ from triattn_mlx.evaluate import chunk_logprobs, perplexity, reference_nll, teac
 from triattn_mlx.testing import code_text, prose_text, smollm2_model_dir
 
 QUICK = dict(tokens=1024, budgets=[128, 256], recall_context=512, recall_depths=[0.25, 0.75], recall_seeds=[0],
-             fidelity_prompt=512, fidelity_tokens=16)
+             fidelity_prompt=512, fidelity_prompts=2, fidelity_tokens=16)
 FULL = dict(tokens=6144, budgets=[128, 256, 512, 1024, 2048], recall_context=2048,
-            recall_depths=[0.1, 0.3, 0.5, 0.7, 0.9], recall_seeds=[0, 1], fidelity_prompt=2048, fidelity_tokens=64)
+            recall_depths=[0.1, 0.3, 0.5, 0.7, 0.9], recall_seeds=[0, 1], fidelity_prompt=2048, fidelity_prompts=4,
+            fidelity_tokens=64)
 
 
 def kv_bytes(cache):
@@ -172,16 +174,19 @@ def main():
                             recall=float(np.mean(scores)), by_depth=scores, kv_bytes=nbytes))
 
     if "fidelity" in args.parts:
-        prompt = tokenizer.encode(prose_text())[60000 : 60000 + sizes["fidelity_prompt"]]
-        n = sizes["fidelity_tokens"]
-        reference = greedy(model, full_cache(model), prompt, n)
+        prose_ids, n, length = tokenizer.encode(prose_text()), sizes["fidelity_tokens"], sizes["fidelity_prompt"]
+        prompts = [prose_ids[60000 + i * length : 60000 + (i + 1) * length] for i in range(sizes["fidelity_prompts"])]
+        references = [greedy(model, full_cache(model), prompt, n) for prompt in prompts]
         for label, make in table.items():
-            for budget in budgets_for(label, [b for b in sizes["budgets"] if b <= len(prompt) // 4]):
-                out = run(label, make, budget, lambda new: greedy(model, new(), prompt, n))
-                same = [a == b for a, b in zip(out, reference)]
-                prefix = same.index(False) if False in same else n
-                record(dict(part="fidelity", prompt=len(prompt), budget=budget, method=label,
-                            agreement=float(np.mean(same)), common_prefix=prefix))
+            for budget in budgets_for(label, [b for b in sizes["budgets"] if b <= length // 4]):
+                same, prefixes = [], []
+                for prompt, reference in zip(prompts, references):
+                    out = run(label, make, budget, lambda new: greedy(model, new(), prompt, n))
+                    match = [a == b for a, b in zip(out, reference)]
+                    same.append(float(np.mean(match)))
+                    prefixes.append(match.index(False) if False in match else n)
+                record(dict(part="fidelity", prompt=length, prompts=len(prompts), budget=budget, method=label,
+                            agreement=float(np.mean(same)), common_prefix=float(np.mean(prefixes))))
 
     draw(name, rows, folder)
 
@@ -191,6 +196,8 @@ def draw(name, rows, folder):
     metric = {"perplexity": ("kl", "mean KL(full || method)"), "retrieval": ("recall", "copy recall"),
               "fidelity": ("agreement", "greedy agreement with full")}
     with plot(name, folder) as (fig, _):
+        import matplotlib.pyplot as plt
+
         fig.clf()
         fig.set_size_inches(6 * len(parts), 5)
         for i, part in enumerate(parts):
@@ -199,9 +206,20 @@ def draw(name, rows, folder):
             sub = [r for r in rows if r["part"] == part and r["method"] != "full attention"
                    and r.get("text", "prose") == "prose" and r["budget"] is not None
                    and "QuantizedKVCache" not in r["method"]]
-            for method in dict.fromkeys(r["method"] for r in sub):
+            names = list(dict.fromkeys(r["method"] for r in sub))
+            colors = {m: plt.cm.tab20(j % 20) for j, m in enumerate(names)}
+            if len({r["budget"] for r in sub}) == 1:  # one budget: bars per method
+                ax.barh(names, [next(r[key] for r in sub if r["method"] == m) for m in names],
+                        color=[colors[m] for m in names])
+                ax.invert_yaxis()
+                ax.tick_params(axis="y", labelsize=6)
+                ax.set_xlabel(f"{label}, budget {sub[0]['budget']}")
+                ax.set_title(part)
+                continue
+            for method in names:
                 pts = sorted((r["budget"], r[key]) for r in sub if r["method"] == method)
-                style = dict(linewidth=2.5, color="black") if method == TRIATTENTION else dict(linewidth=1)
+                style = dict(linewidth=2.5, color="black") if method == TRIATTENTION else dict(
+                    linewidth=1, color=colors[method])
                 ax.plot(*zip(*pts), marker="o", label=method, **style)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("budget (tokens per head)")
@@ -209,7 +227,7 @@ def draw(name, rows, folder):
             if key == "kl":
                 ax.set_yscale("log")
             ax.set_title(f"{part} (prose)" if part == "perplexity" else part)
-        fig.axes[0].legend(fontsize=6)
+            ax.legend(fontsize=6)
 
 
 if __name__ == "__main__":
