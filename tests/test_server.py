@@ -297,3 +297,39 @@ def test_cli_refuses_bad_flags_with_one_line(real_model_dir, args, message):
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_lists_both_sets_of_flags():
+    result = subprocess.run([sys.executable, "-m", "triattn_mlx.server", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    for flag in ("--budget", "--pruning-mode", "--kv-bits", "--prompt-cache-size", "--port"):
+        assert flag in result.stdout
+
+
+def test_models_without_shipped_stats_are_calibrated_once_with_a_warning(caplog):
+    """No silent fallback: a model no shipped stats match gets centers calibrated on
+    built-in text when it loads, with a warning; its caches are TriAttention caches."""
+    import argparse
+    import logging
+
+    from conftest import tiny_llama
+    from triattn_mlx.cache import TriAttentionKVCache
+    from triattn_mlx.server import Compression
+
+    class Tokenizer:
+        def encode(self, text):
+            return [ord(c) % 128 for c in text]
+
+    compression = Compression(argparse.Namespace(budget=256, window=128, divide_length=128, sinks=0,
+                                                 pruning_mode="per_head", stats="auto"))
+    model = tiny_llama()
+    with caplog.at_level(logging.WARNING):
+        compression.prepare(model, Tokenizer())
+    assert "no shipped stats match this model: calibrating" in caplog.text
+    cache = compression.make_cache(model)
+    assert all(isinstance(c, TriAttentionKVCache) for c in cache) and cache[0].budget == 256
+    compression.current = compression.settings_for(300)
+    assert compression.make_cache(model)[0].budget == 300
+    with pytest.raises(ValueError, match="budget"):
+        compression.settings_for(100)

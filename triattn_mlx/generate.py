@@ -20,7 +20,7 @@ _mlx_arg_parser = mlx_generate.setup_arg_parser
 DEFAULT_BUDGET = 2048
 
 
-def add_triattention_args(parser):
+def add_triattention_args(parser, fallback="estimate them from the prompt", no_compress=True):
     group = parser.add_argument_group("TriAttention KV compression")
     group.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
                        help=f"KV tokens kept per head (default: {DEFAULT_BUDGET})")
@@ -33,9 +33,10 @@ def add_triattention_args(parser):
                             "per_layer_per_head: each layer selects its own")
     group.add_argument("--stats", default="auto",
                        help="calibration stats: a .safetensors file, a Hugging Face repo id, or "
-                            "'auto' (shipped stats matching the model, else calibrate on the prompt)")
-    group.add_argument("--no-compress", action="store_true",
-                       help="use mlx-lm's full KV cache instead (for comparison)")
+                            f"'auto' (shipped stats matching the model, else {fallback})")
+    if no_compress:
+        group.add_argument("--no-compress", action="store_true",
+                           help="use mlx-lm's full KV cache instead (for comparison)")
     return parser
 
 

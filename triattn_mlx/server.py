@@ -240,8 +240,8 @@ def patched_mlx_server(compression):
 
 
 def triattention_parser():
-    parser = argparse.ArgumentParser(add_help=False)
-    add_triattention_args(parser)
+    parser = argparse.ArgumentParser(add_help=False, usage=argparse.SUPPRESS)
+    add_triattention_args(parser, fallback="calibrate once on built-in text", no_compress=False)
     return parser
 
 
@@ -251,12 +251,10 @@ def main(argv=None):
     if "-h" in argv or "--help" in argv:
         print("python -m triattn_mlx.server: mlx_lm.server with a TriAttention KV cache.\n"
               "TriAttention options (requests may also send \"kv_budget\": N):")
-        print(parser.format_help().split("\n", 2)[-1])
+        print(parser.format_help())
         print("mlx_lm.server options:")
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.no_compress:
-            raise ValueError("--no-compress: run mlx_lm.server itself for a full cache")
         compression = Compression(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
