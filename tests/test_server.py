@@ -333,3 +333,43 @@ def test_models_without_shipped_stats_are_calibrated_once_with_a_warning(caplog)
     assert compression.make_cache(model)[0].budget == 300
     with pytest.raises(ValueError, match="budget"):
         compression.settings_for(100)
+
+
+def test_prompt_cache_reuses_and_trims_quantized_caches():
+    """The server's prompt cache with --kv-bits: a stored quantized cache is continued
+    (a copy, trimmed back to the common prefix; the stored one stays as it was, so two
+    fetches compute the same), and refused when the prompt diverges in evicted history."""
+    import argparse
+
+    import mlx.core as mx
+    import numpy as np
+
+    from conftest import tiny_llama
+    from triattn_mlx.cache import QuantizedTriAttentionKVCache
+    from triattn_mlx.server import Compression, CompressedPromptCache
+
+    model = tiny_llama(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    compression = Compression(argparse.Namespace(budget=64, window=16, divide_length=16, sinks=0,
+                                                 pruning_mode="per_head", stats="auto"))
+    compression.prepare(model, type("T", (), {"encode": lambda self, t: [ord(c) % 128 for c in t]})())
+    compression.quantize(8, 64)
+    store = CompressedPromptCache(compression, max_size=4)
+    tokens = np.random.default_rng(0).integers(0, 128, 200).tolist()
+    cache = compression.make_cache(model)
+    assert isinstance(cache[0], QuantizedTriAttentionKVCache)
+    for start in range(0, 200, 50):
+        model(mx.array(tokens[start : start + 50])[None], cache=cache)
+    assert cache[0].prune_rounds > 0
+    store.insert_cache("m", tokens, cache)
+
+    new = tokens[:196] + [1, 2, 3]  # diverges 4 tokens back: still cached
+    reused, rest = store.fetch_nearest_cache("m", new)
+    assert rest == new[196:] and reused[0].offset == 196 and reused[0].bits == 8
+    assert cache[0].offset == 200  # the stored cache is untouched
+    again, _ = store.fetch_nearest_cache("m", new)
+    a = model(mx.array(rest)[None], cache=reused)
+    b = model(mx.array(rest)[None], cache=again)
+    np.testing.assert_array_equal(np.array(a), np.array(b))
+
+    edited = [5] + tokens[1:]  # diverges inside evicted history: recomputed
+    assert store.fetch_nearest_cache("m", edited) == (None, edited)
