@@ -371,5 +371,8 @@ def test_prompt_cache_reuses_and_trims_quantized_caches():
     b = model(mx.array(rest)[None], cache=again)
     np.testing.assert_array_equal(np.array(a), np.array(b))
 
+    exact, rest = store.fetch_nearest_cache("m", tokens)  # a repeat: the last token runs again
+    assert rest == tokens[-1:] and exact[0].offset == 199
+
     edited = [5] + tokens[1:]  # diverges inside evicted history: recomputed
     assert store.fetch_nearest_cache("m", edited) == (None, edited)
