@@ -11,13 +11,12 @@ texts never overlap.
 """
 
 import argparse
-from pathlib import Path
 
 import triattn_mlx  # noqa: F401  (OpenBLAS preload on Linux)
 import mlx_lm
 import numpy as np
 
-from bench.common import plot, write_json
+from bench.common import evaluation_texts, plot, write_json
 from triattn_mlx import calibrate, make_prompt_cache
 from triattn_mlx.evaluate import perplexity, reference_logprobs, reference_nll, teacher_forced
 from triattn_mlx.testing import code_text, prose_text, smollm2_model_dir
@@ -48,10 +47,7 @@ def main():
     print(f"center cosine similarity prose vs code, per head: median {stability['median']:.3f}, "
           f"p10 {stability['p10']:.3f}, min {stability['min']:.3f}")
 
-    texts = {
-        "prose": prose[20000 : 20000 + args.tokens],  # far from the calibration tokens
-        "code": tokenizer.encode(Path(argparse.__file__).read_text())[: args.tokens],
-    }
+    texts = evaluation_texts(tokenizer, args.tokens)  # prose far from the calibration tokens
     results = {}
     for kind, tokens in texts.items():
         other = "code" if kind == "prose" else "prose"

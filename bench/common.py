@@ -9,6 +9,17 @@ import mlx.core as mx
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
+def evaluation_texts(tokenizer, n):
+    """The benchmarks' long texts, n tokens each, none of them in any calibration text:
+    English prose (help topics, from token 20000) and Python source (argparse.py)."""
+    import argparse
+
+    from triattn_mlx.testing import prose_text
+
+    return {"prose": tokenizer.encode(prose_text())[20000 : 20000 + n],
+            "code": tokenizer.encode(Path(argparse.__file__).read_text())[:n]}
+
+
 def environment():
     return {"device": str(mx.default_device()), "mlx": mx.__version__, "platform": platform.platform(),
             "processor": platform.processor() or platform.machine()}

@@ -9,8 +9,8 @@ from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache
 from mlx_lm.models.cache import make_prompt_cache as full_cache
 
 from triattn_mlx import make_prompt_cache, remove_query_recorders
-from triattn_mlx.baselines import (attention_scorer_factory, key_norm_scores, random_scores, recency_scores,
-                                   remove_recent_queries)
+from triattn_mlx.baselines import attention_scorer_factory, key_norm_scores, random_scores, recency_scores
+from triattn_mlx.stats import RopeTap
 
 TRIATTENTION = "TriAttention (per_head)"  # the project's default
 
@@ -61,8 +61,7 @@ def equal_memory_methods():
 
 def cleanup(model):
     """Take off any query recorders a method installed."""
-    remove_query_recorders(model)
-    remove_recent_queries(model)
+    remove_query_recorders(model, RopeTap)
 
 
 __all__ = ["methods", "equal_memory_methods", "cleanup", "full_cache", "TRIATTENTION"]

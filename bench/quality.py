@@ -30,9 +30,10 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 
-from bench.common import RESULTS, plot, write_json
+from bench.common import RESULTS, evaluation_texts, plot, write_json
 from bench.methods import TRIATTENTION, cleanup, equal_memory_methods, full_cache, methods
 from triattn_mlx import calibrate
+from triattn_mlx.cache import cache_report
 from triattn_mlx.evaluate import chunk_logprobs, perplexity, reference_nll, teacher_forced
 from triattn_mlx.testing import code_text, prose_text, smollm2_model_dir
 
@@ -44,12 +45,7 @@ FULL = dict(tokens=6144, budgets=[128, 256, 512, 1024, 2048], recall_context=204
 
 
 def kv_bytes(cache):
-    return int(sum(c.nbytes for c in cache if not c.empty()))
-
-
-def texts(tokenizer, n):
-    return {"prose": tokenizer.encode(prose_text())[20000 : 20000 + n],
-            "code": tokenizer.encode(Path(argparse.__file__).read_text())[:n]}
+    return cache_report(cache)["kv_bytes"]
 
 
 def feed(model, cache, tokens, chunk=128):
@@ -130,7 +126,7 @@ def main():
         return [None] if label in equal_memory else budgets
 
     if "perplexity" in args.parts:
-        for kind, tokens in texts(tokenizer, sizes["tokens"]).items():
+        for kind, tokens in evaluation_texts(tokenizer, sizes["tokens"]).items():
             if args.quick and kind != "prose":
                 continue
             full = full_cache(model)

@@ -20,10 +20,11 @@ import mlx_lm
 from mlx_lm.models.cache import QuantizedKVCache
 from mlx_lm.models.cache import make_prompt_cache as full_cache
 
-from bench.common import RESULTS, plot, write_json
+from bench.common import RESULTS, evaluation_texts, plot, write_json
 from triattn_mlx import calibrate, make_prompt_cache
+from triattn_mlx.cache import cache_report
 from triattn_mlx.evaluate import chunk_logprobs, perplexity, reference_nll, teacher_forced
-from triattn_mlx.testing import code_text, prose_text, smollm2_model_dir
+from triattn_mlx.testing import code_text, smollm2_model_dir
 
 
 def main():
@@ -38,8 +39,7 @@ def main():
 
     model, tokenizer = mlx_lm.load(str(smollm2_model_dir("float32")))
     calib_ids = tokenizer.encode(code_text())
-    texts = {"prose": tokenizer.encode(prose_text())[20000 : 20000 + args.tokens],
-             "code": tokenizer.encode(Path(argparse.__file__).read_text())[: args.tokens]}
+    texts = evaluation_texts(tokenizer, args.tokens)
     stats = calibrate(model, calib_ids[:2048], source="inspect.py")  # other text than both
     if args.quick:
         texts = {"prose": texts["prose"]}
@@ -54,7 +54,7 @@ def main():
         ref = list(chunk_logprobs(model, tokens, full))
         full_ppl = perplexity(reference_nll(ref, tokens), start)
         rows.append(dict(text=kind, method="full attention", budget=None, bits=None, ppl=full_ppl, kl=0.0,
-                         kv_bytes=int(sum(c.nbytes for c in full))))
+                         kv_bytes=cache_report(full)["kv_bytes"]))
         for name, budget, bits in methods:
             if budget is None:
                 cache = [QuantizedKVCache(group_size=64, bits=bits) for _ in model.layers]
@@ -63,7 +63,7 @@ def main():
             t0 = time.perf_counter()
             nll, kl = teacher_forced(model, tokens, cache, ref)
             row = dict(text=kind, method=name, budget=budget, bits=bits, ppl=perplexity(nll, start),
-                       kl=float(kl[start:].mean()), kv_bytes=int(sum(c.nbytes for c in cache)),
+                       kl=float(kl[start:].mean()), kv_bytes=cache_report(cache)["kv_bytes"],
                        seconds=round(time.perf_counter() - t0, 1))
             rows.append(row)
             print(f"{kind:5s} {name:32s} ppl {row['ppl']:7.3f} (full {full_ppl:.3f})  KL {row['kl']:.4f}  "

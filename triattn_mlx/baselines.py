@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from .model_info import attention_module, model_layers
+from .stats import RopeTap, remove_query_recorders
 
 
 def random_scores(keys, positions, offset):
@@ -35,22 +36,18 @@ def key_norm_scores(keys, positions, offset):
     return mx.sqrt((keys.astype(mx.float32) ** 2).sum(-1))
 
 
-class RecentQueries:
-    """Stands in for an attention's rope and keeps the rotated queries it returns: those
-    since the last `drain()` (for H2O) and the newest 256 (SnapKV's observation window).
-    mlx-lm attentions rope queries first, then keys, in every call; even calls are queries."""
+class RecentQueries(RopeTap):
+    """Keeps the rotated queries an attention's rope returns: those since the last
+    `drain()` (for H2O) and the newest 256 (SnapKV's observation window)."""
 
     keep = 256
 
     def __init__(self, rope):
-        self.rope, self.calls, self.pending, self.recent = rope, 0, [], None
+        super().__init__(rope)
+        self.pending, self.recent = [], None
 
-    def __call__(self, x, *args, **kwargs):
-        out = self.rope(x, *args, **kwargs)
-        if self.calls % 2 == 0:
-            self.pending.append(out)
-        self.calls += 1
-        return out
+    def on_queries(self, pre_rope, rotated):
+        self.pending.append(rotated)
 
     def drain(self):
         """Queries since the last drain ([B, H, M, D], the newest last; None if none)."""
@@ -178,7 +175,4 @@ def attention_scorer_factory(model, kind, **options):
 
 
 def remove_recent_queries(model):
-    for layer in model_layers(model):
-        attn = attention_module(layer)
-        if attn is not None and isinstance(attn.rope, RecentQueries):
-            attn["rope"] = attn.rope.rope
+    remove_query_recorders(model, RecentQueries)

@@ -144,15 +144,32 @@ def load_stats(path, model=None):
     return stats
 
 
-class QueryRecorder:
-    """Stands in for an attention's rope: accumulates pre-RoPE query statistics, then
-    applies the rope. Used by `calibrate` and, live, by self-calibrating caches.
+class RopeTap:
+    """Stands in for an attention's rope: applies it, and shows each call's queries to
+    `on_queries(pre_rope, rotated)`. mlx-lm attentions rope queries first, then keys, in
+    every call: even calls are queries."""
 
-    mlx-lm attentions rope queries first, then keys, in every call; even calls are queries.
-    """
+    def __init__(self, rope):
+        self.rope, self.calls = rope, 0
+
+    def __call__(self, x, *args, **kwargs):
+        out = self.rope(x, *args, **kwargs)
+        if self.calls % 2 == 0:
+            self.on_queries(x, out)
+        self.calls += 1
+        return out
+
+    def on_queries(self, pre_rope, rotated):
+        raise NotImplementedError
+
+
+class QueryRecorder(RopeTap):
+    """Accumulates pre-RoPE query statistics on an attention's rope. Used by `calibrate`
+    and, live, by self-calibrating caches."""
 
     def __init__(self, rope, info):
-        self.rope, self.info, self.calls = rope, info, 0
+        super().__init__(rope)
+        self.info = info
         self.pairs = mx.array(info.rope.pairs)
         half = info.head_dim // 2
         self.sum_re = mx.zeros((info.n_heads, half))
@@ -160,18 +177,15 @@ class QueryRecorder:
         self.sum_abs = mx.zeros((info.n_heads, half))
         self.tokens = 0
 
-    def __call__(self, x, *args, **kwargs):
-        if self.calls % 2 == 0:
-            if x.shape[1] != self.info.n_heads:
-                raise ValueError(f"expected queries with {self.info.n_heads} heads, got {x.shape}")
-            q = x.astype(mx.float32)
-            re, im = q[..., self.pairs[:, 0]], q[..., self.pairs[:, 1]]  # [B, H, L, D/2]
-            self.sum_re = self.sum_re + re.sum(axis=(0, 2))
-            self.sum_im = self.sum_im + im.sum(axis=(0, 2))
-            self.sum_abs = self.sum_abs + mx.sqrt(re * re + im * im).sum(axis=(0, 2))
-            self.tokens += x.shape[0] * x.shape[2]
-        self.calls += 1
-        return self.rope(x, *args, **kwargs)
+    def on_queries(self, x, rotated):
+        if x.shape[1] != self.info.n_heads:
+            raise ValueError(f"expected queries with {self.info.n_heads} heads, got {x.shape}")
+        q = x.astype(mx.float32)
+        re, im = q[..., self.pairs[:, 0]], q[..., self.pairs[:, 1]]  # [B, H, L, D/2]
+        self.sum_re = self.sum_re + re.sum(axis=(0, 2))
+        self.sum_im = self.sum_im + im.sum(axis=(0, 2))
+        self.sum_abs = self.sum_abs + mx.sqrt(re * re + im * im).sum(axis=(0, 2))
+        self.tokens += x.shape[0] * x.shape[2]
 
     def centers(self):
         """(q_mean [H, D/2] complex, q_abs_mean [H, D/2]) of the queries seen so far."""
@@ -193,11 +207,12 @@ def install_query_recorders(model):
     return recorders
 
 
-def remove_query_recorders(model):
-    """Put back the ropes that install_query_recorders wrapped."""
+def remove_query_recorders(model, kind=QueryRecorder):
+    """Put back the ropes that taps of `kind` wrapped (install_query_recorders' by default;
+    RopeTap: every tap)."""
     for layer in model_layers(model):
         attn = attention_module(layer)
-        if attn is not None and isinstance(attn.rope, QueryRecorder):
+        if attn is not None and isinstance(attn.rope, kind):
             attn["rope"] = attn.rope.rope
 
 
