@@ -46,14 +46,19 @@ def setup_arg_parser():
     return parser
 
 
+def refuse_draft_model(args):
+    if args.draft_model is not None:
+        raise ValueError("--draft-model is not supported with compression (speculative decoding "
+                         "rewinds the cache past evicted tokens)")
+
+
 def check_args(args):
     """Refuse what cannot work here, before the model is loaded."""
     if args.max_kv_size is not None:
         raise ValueError("--max-kv-size is replaced by --budget (TriAttention keeps the best "
                          "--budget tokens per head instead of the most recent ones)")
-    if args.draft_model is not None and not args.no_compress:
-        raise ValueError("--draft-model is not supported with compression (speculative decoding "
-                         "rewinds the cache past evicted tokens)")
+    if not args.no_compress:
+        refuse_draft_model(args)
     if args.prompt is not None and args.prompt != "-" and not args.prompt.strip():
         raise ValueError("the prompt is empty: pass --prompt TEXT or --prompt - to read stdin")
     if not args.no_compress:

@@ -27,7 +27,7 @@ import mlx_lm.server as mlx_server
 
 from .cache import cache_report, check_quantization, check_sizes, make_prompt_cache
 from .corpus import default_calibration_text
-from .generate import add_triattention_args
+from .generate import add_triattention_args, refuse_draft_model
 from .loading import load, resolve_stats
 from .stats import calibrate
 
@@ -185,13 +185,6 @@ class CompressedAPIHandler(mlx_server.APIHandler):
         self.wfile.write(json.dumps(body).encode())
 
 
-def check_args(args):
-    """Refuse what cannot work with compression, before the model is loaded."""
-    if args.draft_model is not None:
-        raise ValueError("--draft-model is not supported with compression (speculative decoding "
-                         "rewinds the cache past evicted tokens)")
-
-
 def scan_cache_dir():
     """huggingface_hub's scan_cache_dir, empty when the hub cache folder does not exist yet
     (mlx_lm.server's /v1/models fails there otherwise)."""
@@ -208,11 +201,11 @@ def run(host, port, model_provider, compression):
     """mlx_lm.server.run with the compressed prompt cache, generator and handler. The
     model is loaded before the server starts, so a bad --model or --stats is a clean error."""
     args = model_provider.cli_args
-    check_args(args)
+    refuse_draft_model(args)  # before the model is loaded
     if args.kv_bits is not None:
         compression.quantize(args.kv_bits, args.kv_group_size)
     model_provider.load_default()
-    prompt_cache = CompressedPromptCache(compression, model_provider.cli_args.prompt_cache_size)
+    prompt_cache = CompressedPromptCache(compression, args.prompt_cache_size)
     generator = CompressedResponseGenerator(model_provider, prompt_cache)
     mlx_server._run_http_server(host, port, generator, handler_class=CompressedAPIHandler)
 
