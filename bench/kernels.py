@@ -91,6 +91,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--decode", action="store_true")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4],
+                        help="key blocks per warp pass to compare (the kernel's default is 2)")
+    parser.add_argument("--lanes", type=int, nargs="+", default=[4, 8, 16],
+                        help="lanes per key to compare (the kernel's default is 8)")
     parser.add_argument("--output", default=None, help="results folder (default: results/)")
     args = parser.parse_args()
     kind = kernels.backend()
@@ -106,6 +110,17 @@ def main():
         row["mlx_ops_s"] = timed(lambda: mx.eval([triattention_scores(k, w, c, pairs) for k in keys]))
         if kind != "mlx":
             row["fused_s"] = timed(lambda: mx.eval([kernels.fused_scores(k, packed, "half") for k in keys]))
+            # Launch-parameter sweep, and all layers in one launch (no per-launch overhead)
+            for lanes in args.lanes:
+                for per_pass in args.rows:
+                    seconds = timed(lambda: mx.eval([
+                        kernels.fused_scores(k, packed, "half", rows=per_pass, lanes_per_key=lanes) for k in keys]))
+                    row[f"fused_lanes{lanes}_rows{per_pass}_GBps"] = nbytes / seconds / 1e9
+            stacked = mx.concatenate(keys, axis=0)
+            mx.eval(stacked)
+            seconds = timed(lambda: mx.eval(kernels.fused_scores(stacked, packed, "half")))
+            row["fused_one_launch_GBps"] = nbytes / seconds / 1e9
+            del stacked
         # 4-bit keys (group 64): bytes read are the codes, scales and biases
         quantized = [mx.quantize(k, group_size=64, bits=4) for k in keys]
         mx.eval(quantized)

@@ -8,4 +8,5 @@
 #define SHARED threadgroup
 #define BARRIER threadgroup_barrier(mem_flags::mem_threadgroup)
 #define SQRT metal::sqrt
-#define WARP_SUM(x) x = simd_sum(x)
+#define SHUFFLE_XOR(x, o) simd_shuffle_xor(x, (ushort)(o))
+#define GRID_SIZE_Y threads_per_grid.y

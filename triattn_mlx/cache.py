@@ -273,10 +273,9 @@ class TriAttentionKVCache(_BaseCache):
 class QuantizedTriAttentionKVCache(TriAttentionKVCache):
     """TriAttention eviction with keys/values stored quantized (mlx-lm's mx.quantize layout,
     as in its QuantizedKVCache). `bits` makes mlx-lm models attend through its quantized
-    attention. TriAttention scoring takes the quantized keys (MLX ops dequantize them; a
-    fused kernel that dequantizes in registers is written but off until verified on a GPU,
-    see kernels.quantized_kernel_enabled); other scorers get dequantized keys. Selection
-    compacts the packed storage in place."""
+    attention. TriAttention scoring takes the quantized keys (on a GPU the fused kernel
+    dequantizes them in registers; on CPU MLX ops dequantize first); other scorers get
+    dequantized keys. Selection compacts the packed storage in place."""
 
     def __init__(self, budget, scorer, window=128, divide_length=128, sinks=0, shared=None,
                  measure_prune_time=False, bits=4, group_size=64):

@@ -5,12 +5,11 @@ kernel and its CUDA twin; a short prologue maps thread indices, group memory and
 barriers). On an Apple GPU they run through mx.fast.metal_kernel, on an NVIDIA GPU
 through mx.fast.cuda_kernel, and elsewhere (CPU) the MLX-op path in scoring.py is used.
 
-What was verified where: for plain keys, the CUDA twin and the MLX-op path were checked
-against each other and against a numpy reference on an NVIDIA H100 (tests/test_kernels.py
-run there); the MLX-op path is checked on CPU in the default test suite. No Mac was
-available, so the Metal path has not been run: it shares the CUDA twin's body line for
-line. The quantized-keys variant (keys_quantized.h) has not run anywhere yet: it is off
-unless TRIATTN_FUSED_QUANTIZED=1 (see quantized_kernel_enabled).
+What was verified where: the CUDA twin, for plain and quantized keys, was checked against
+the MLX-op path and numpy references on an NVIDIA H100 (tests/test_kernels.py run there);
+the shared body also runs on CPU threads in tests/test_kernel_emulator.py (default
+suite), and the MLX-op path is checked on CPU. No Mac was available, so the Metal path
+has not been run: it shares the CUDA twin's body line for line.
 """
 
 import os
@@ -42,20 +41,13 @@ def backend():
 FUSED_KV_BITS = (2, 4, 8)  # bit widths whose codes never straddle a 32-bit word
 
 
-def quantized_kernel_enabled():
-    """The quantized-keys kernel has not yet run on any GPU (no device was available when
-    it was written): until tests/test_kernels.py has passed on one, scoring dequantizes with
-    MLX ops first. TRIATTN_FUSED_QUANTIZED=1 opts in."""
-    return os.environ.get("TRIATTN_FUSED_QUANTIZED") == "1"
-
-
 @lru_cache(maxsize=None)
 def _kernel(kind, storage="plain"):
     """The score kernel for `kind` (metal/cuda) reading keys stored `plain` or `quantized`."""
     body = (SOURCES / "triattention_score.body").read_text()
     prologue = (SOURCES / f"prologue.{kind}").read_text()
     make = mx.fast.metal_kernel if kind == "metal" else mx.fast.cuda_kernel
-    inputs = ["keys", "weights", "meta"] if storage == "plain" else ["keys", "scales", "biases", "weights", "meta"]
+    inputs = ["keys", "weights"] if storage == "plain" else ["keys", "scales", "biases", "weights"]
     return make(name=f"triattention_score_{storage}_{kind}", input_names=inputs, output_names=["scores"],
                 header=(SOURCES / f"keys_{storage}.h").read_text(), source=prologue + "\n" + body)
 
@@ -81,16 +73,22 @@ def can_fuse(keys, style):
     return style is not None and keys.shape[-1] in FUSED_HEAD_DIMS and keys.dtype in FUSED_DTYPES
 
 
-def _launch(kernel, inputs, shape, n_heads, template, warps_per_group=8, target_warps=8192):
+LANES_PER_KEY = 8  # the kernel's SUB: lanes that share one key's pairs
+
+
+def _launch(kernel, inputs, shape, n_heads, template, warps_per_group=8, target_warps=8192, rows=2,
+            lanes_per_key=LANES_PER_KEY):
     B, n_kv, N = shape
-    # Enough warps to fill the GPU, each looping over several keys so that a group's
+    # Enough warps to fill the GPU, each looping over several keys (`rows` blocks of
+    # 32 / LANES_PER_KEY keys per pass, their loads issued together) so that a group's
     # weight load is amortized over many keys.
-    keys_per_warp = max(1, min(32, B * n_kv * N // target_warps))
+    block = 32 // lanes_per_key
+    keys_per_warp = max(block, min(64, B * n_kv * N // target_warps))
     warps_y = -(-N // (keys_per_warp * warps_per_group)) * warps_per_group
-    meta = mx.array([N, n_kv, warps_y], dtype=mx.int32)
     (scores,) = kernel(
-        inputs=[*inputs, meta],
-        template=[*template, ("G", n_heads // n_kv)],
+        inputs=inputs,
+        template=[*template, ("G", n_heads // n_kv), ("SUB", lanes_per_key),
+                  ("ROWS", max(1, min(rows, keys_per_warp // block)))],
         grid=(32, warps_y, B * n_kv),
         threadgroup=(32, warps_per_group, 1),
         output_shapes=[(B, n_heads, N)],
@@ -107,7 +105,7 @@ def fused_scores(keys, packed, style, kind=None, **launch):
 
 
 def can_fuse_quantized(quantized_keys, bits, group_size, style):
-    """Whether the kernel supports these keys (the dispatcher also asks quantized_kernel_enabled)."""
+    """Whether the kernel supports these quantized keys."""
     codes, scales, _ = quantized_keys
     D = codes.shape[-1] * 32 // bits
     return (style is not None and bits in FUSED_KV_BITS and D in FUSED_HEAD_DIMS

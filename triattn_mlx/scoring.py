@@ -108,7 +108,7 @@ class QuantizedKeys(NamedTuple):
 class TriAttentionScorer:
     """Scores one layer's cached keys from that layer's calibrated query centers."""
 
-    reads_quantized = True  # takes QuantizedKeys (see kernels.quantized_kernel_enabled)
+    reads_quantized = True  # takes QuantizedKeys: the fused kernel reads them without dequantizing
 
     def __init__(self, q_center, q_abs_mean, geometry, n_kv_heads, aggregation="mean",
                  offsets=None, terms="both"):
@@ -143,7 +143,6 @@ class TriAttentionScorer:
         if isinstance(keys, QuantizedKeys):
             q = keys[:3]
             if (self.terms == "both" and self.aggregation == "mean" and kernels.backend() != "mlx"
-                    and kernels.quantized_kernel_enabled()
                     and kernels.can_fuse_quantized(q, keys.bits, keys.group_size, self.style)):
                 packed = kernels.fused_weights(self.weights(t), self.c, self.pairs)
                 raw = kernels.fused_scores_quantized(q, keys.bits, keys.group_size, packed, self.style)
