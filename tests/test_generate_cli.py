@@ -137,3 +137,36 @@ def test_damaged_stats_files_exit_2(real_model_dir, stats_file, tmp_path, damage
         stats.save(path)
     r = run("--model", str(real_model_dir), "--prompt", "hi", "--stats", str(path))
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prompts_file_generates_each_prompt_as_alone(real_model_dir, stats_file, tmp_path):
+    """--prompts-file: the prompts are generated as one batch (one of them long enough to be
+    pruned during prefill); each reply equals the same prompt run alone with --prompt."""
+    words = prose_text().split()
+    prompts = ["What is the capital of France?", " ".join(words[:400]) + " Summarize this.",
+               "Name three colors.\\nAnswer briefly."]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n\n")
+    common = ["--model", str(real_model_dir), "--stats", stats_file, "-m", "12", "--budget", "128",
+              "--window", "32", "--divide-length", "32", "--prefill-step-size", "128"]
+    r = run(*common, "--prompts-file", str(path))
+    assert r.returncode == 0, r.stderr
+    replies = re.findall(r"Prompt \d+: (\d+) tokens\n(.*?)\nKV cache: (\d+) of (\d+)", r.stdout, re.S)
+    assert len(replies) == 3
+    assert int(replies[1][3]) > int(replies[1][2])  # the long prompt was pruned
+    for prompt, (_, text, _, _) in zip(prompts, replies):
+        alone = run(*common, "--prompt", prompt, "--verbose", "False")
+        assert alone.returncode == 0, alone.stderr
+        assert alone.stdout.strip() == text.strip()
+
+
+@pytest.mark.parametrize("content,extra,message", [
+    ("", [], "holds no prompt"),
+    ("hi\n", ["--kv-bits", "4"], "not batched"),
+])
+def test_bad_prompts_file_exits_2(real_model_dir, tmp_path, content, extra, message):
+    path = tmp_path / "prompts.txt"
+    path.write_text(content)
+    r = run("--model", str(real_model_dir), "--prompts-file", str(path), *extra)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

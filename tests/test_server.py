@@ -4,6 +4,7 @@ Reuse is checked against a replay through mlx-lm's public API: one TriAttention 
 carried across the turns (trimmed back to the common prefix, then fed the rest), which is
 what the server's prompt cache must amount to."""
 
+import contextlib
 import http.client
 import json
 import os
@@ -84,16 +85,17 @@ class Server:
         return json.loads(text)
 
 
-@pytest.fixture(scope="module")
-def server(real_model_dir, tmp_path_factory):
+@contextlib.contextmanager
+def running_server(model_dir, home, *flags):
+    """triattn_mlx.server in a subprocess on a free port, with an empty hub cache (nothing
+    to download), stopped on exit."""
     port = free_port()
-    home = tmp_path_factory.mktemp("hf-home")  # an empty hub cache: nothing to download
-    log_path = home / "server.log"
+    log_path = home / f"server-{port}.log"
     env = dict(os.environ, HF_HOME=str(home), HF_HUB_OFFLINE="1")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "triattn_mlx.server", "--model", str(real_model_dir),
-             "--port", str(port), "--budget", str(BUDGET), "--max-tokens", "32"],
+            [sys.executable, "-m", "triattn_mlx.server", "--model", str(model_dir),
+             "--port", str(port), "--budget", str(BUDGET), "--max-tokens", "32", *flags],
             stdout=log, stderr=subprocess.STDOUT, env=env)
     srv = Server(port, log_path)
     try:
@@ -115,6 +117,12 @@ def server(real_model_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(real_model_dir, tmp_path_factory):
+    with running_server(real_model_dir, tmp_path_factory.mktemp("hf-home")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -376,3 +384,44 @@ def test_prompt_cache_reuses_and_trims_quantized_caches():
 
     edited = [5] + tokens[1:]  # diverges inside evicted history: recomputed
     assert store.fetch_nearest_cache("m", edited) == (None, edited)
+
+
+@pytest.mark.slow
+def test_eight_clients_batched_vs_serial(real_model_dir, tmp_path, capsys):
+    """8 concurrent clients, ~600-token prompts (pruned: budget 512 + divide 128), 48 tokens
+    each: the default server batches them; --decode-concurrency 1 --prompt-concurrency 1
+    serves them one at a time. Same replies, total throughput of each."""
+    from mlx_lm import load
+
+    _, tokenizer = load(str(real_model_dir))
+    ids = tokenizer.encode(prose_text())
+    prompts = [[{"role": "user", "content": tokenizer.decode(ids[i * 600 : (i + 1) * 600])
+                 + "\n\nSummarize the text above."}] for i in range(8)]
+    results = {}
+    for name, flags in (("batched", ()), ("serial", ("--decode-concurrency", "1", "--prompt-concurrency", "1"))):
+        with running_server(real_model_dir, tmp_path, *flags) as srv:
+            srv.chat([{"role": "user", "content": "Hi."}], max_tokens=2)  # warm up
+            replies = [None] * len(prompts)
+
+            def client(i):
+                replies[i] = srv.chat(prompts[i], max_tokens=48, temperature=0.0)
+
+            start = time.perf_counter()
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=1200)
+            seconds = time.perf_counter() - start
+            assert all(r is not None for r in replies)
+            tokens = sum(r["usage"]["completion_tokens"] for r in replies)
+            prompt_tokens = sum(r["usage"]["prompt_tokens"] for r in replies)
+            results[name] = dict(seconds=seconds, completion_tokens=tokens, prompt_tokens=prompt_tokens,
+                                 texts=[r["choices"][0]["message"]["content"] for r in replies])
+    with capsys.disabled():
+        for name, r in results.items():
+            print(f"\n{name}: 8 clients, {r['prompt_tokens']} prompt + {r['completion_tokens']} generated tokens "
+                  f"in {r['seconds']:.1f} s: {(r['prompt_tokens'] + r['completion_tokens']) / r['seconds']:.0f} tok/s "
+                  f"total, {r['completion_tokens'] / r['seconds']:.1f} generated tok/s")
+    assert results["batched"]["texts"] == results["serial"]["texts"]
+    assert results["batched"]["seconds"] < results["serial"]["seconds"]

@@ -115,6 +115,13 @@ class TriAttentionKVCache(_BaseCache):
             self._prune()
         return k, v
 
+    @classmethod
+    def merge(cls, caches):
+        """One batch cache from one cache per sequence (mlx-lm's batch generation calls this)."""
+        from .batch import BatchTriAttentionKVCache
+
+        return BatchTriAttentionKVCache.merge(caches)
+
     def make_mask(self, N, return_array=False, window_size=None):
         # The new tokens follow every cached one: the mask only needs the physical length.
         return create_attention_mask(N, offset=self.length, return_array=return_array, window_size=window_size)

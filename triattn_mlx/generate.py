@@ -43,6 +43,9 @@ def add_triattention_args(parser, fallback="estimate them from the prompt", no_c
 def setup_arg_parser():
     parser = add_triattention_args(_mlx_arg_parser())
     parser.description = "Generate text with a TriAttention-compressed KV cache (mlx_lm.generate + --budget)"
+    parser.add_argument("--prompts-file", default=None,
+                        help="generate for every line of this file at once, batched as mlx_lm's "
+                             "batch_generate does, each sequence with its own compressed cache")
     return parser
 
 
@@ -63,6 +66,12 @@ def check_args(args):
         raise ValueError("the prompt is empty: pass --prompt TEXT or --prompt - to read stdin")
     if not args.no_compress:
         make_prompt_cache_options(args)  # validates the sizes
+    if args.prompts_file is not None:
+        if args.kv_bits is not None:
+            raise ValueError("--prompts-file cannot be combined with --kv-bits: quantized caches are not batched")
+        if args.prompt_cache_file is not None:
+            raise ValueError("--prompts-file cannot be combined with --prompt-cache-file")
+        read_prompts(args.prompts_file)
 
 
 def make_prompt_cache_options(args):
@@ -100,6 +109,47 @@ def format_report(report):
     )
 
 
+def read_prompts(path):
+    """The non-empty lines of `path` ('\\n' in a line stands for a newline, as in --prompt)."""
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt (one per line)")
+    return prompts
+
+
+def generate_batch(args):
+    """--prompts-file: every prompt at once through mlx-lm's batch_generate, each with its own
+    compressed cache (BatchTriAttentionKVCache keeps what each would keep alone)."""
+    from mlx_lm.sample_utils import make_sampler
+
+    prompts = read_prompts(args.prompts_file)
+    model, tokenizer = load(args.model)
+    if not args.no_compress and resolve_stats(args.stats, model) is None:
+        raise ValueError("no shipped calibration stats match this model, and self-calibrated caches cannot be "
+                         "batched: make stats with python -m triattn_mlx.calibrate and pass --stats")
+    use_template = not args.ignore_chat_template and tokenizer.has_chat_template
+    system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+    tokens = [tokenizer.apply_chat_template(system + [{"role": "user", "content": p}], add_generation_prompt=True)
+              if use_template else tokenizer.encode(p) for p in prompts]
+    caches = [build_cache(model, args) for _ in prompts]
+    result = mlx_generate.batch_generate(
+        model, tokenizer, tokens, prompt_caches=caches, max_tokens=args.max_tokens, return_prompt_caches=True,
+        sampler=make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k),
+        prefill_step_size=args.prefill_step_size)
+    for i, (text, cache) in enumerate(zip(result.texts, result.caches)):
+        print(f"==========\nPrompt {i + 1}: {len(tokens[i])} tokens\n{text}")
+        if args.verbose:
+            print(format_report(cache_report(cache)))
+    print("==========")
+    if args.verbose:
+        stats = result.stats
+        print(f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tokens / max(stats.prompt_time, 1e-9):.1f} "
+              "tokens-per-sec")
+        print(f"Generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens-per-sec")
+        print(f"Peak memory: {stats.peak_memory:.3f} GB")
+
+
 @contextlib.contextmanager
 def patched_mlx_generate(args):
     original = mlx_generate.setup_arg_parser, mlx_generate.load, mlx_generate.generate
@@ -126,6 +176,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         check_args(args)
+        if args.prompts_file is not None:
+            return generate_batch(args)
         saved_argv = sys.argv
         sys.argv = [sys.argv[0], *argv]
         try:

@@ -134,6 +134,18 @@ class CompressedPromptCache(mlx_server.LRUPromptCache):
 
 
 class CompressedResponseGenerator(mlx_server.ResponseGenerator):
+    """Requests with the server's compression settings are batched (mlx-lm's BatchGenerator,
+    through BatchTriAttentionKVCache); a request with its own kv_budget is served alone
+    (its cache could not share a batch with the others')."""
+
+    def generate(self, request, generation_args, progress_callback=None):
+        generation_args.settings = getattr(request, "settings", None)
+        return super().generate(request, generation_args, progress_callback)
+
+    def _is_batchable(self, args):
+        settings = getattr(args, "settings", None)
+        return super()._is_batchable(args) and settings in (None, self.prompt_cache.compression.default)
+
     def _serve_single(self, request, stream):
         compression = self.prompt_cache.compression
         compression.current = getattr(request[1], "settings", compression.default)
