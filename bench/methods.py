@@ -9,7 +9,9 @@ from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache
 from mlx_lm.models.cache import make_prompt_cache as full_cache
 
 from triattn_mlx import make_prompt_cache, remove_query_recorders
-from triattn_mlx.baselines import attention_scorer_factory, key_norm_scores, random_scores, recency_scores
+from triattn_mlx.baselines import (PriorPlusRecentScorer, attention_scorer_factory, key_norm_scores, random_scores,
+                                   recency_scores)
+from triattn_mlx.scoring import TriAttentionScorer
 from triattn_mlx.stats import RopeTap
 
 TRIATTENTION = "TriAttention (per_head)"  # the project's default
@@ -36,8 +38,23 @@ def methods(stats):
         return lambda model, budget: cache(model, budget, scorer_factory=attention_scorer_factory(model, kind),
                                            pruning_mode="per_layer_per_head")
 
+    def prior_plus_recent(weight):
+        def make(model, budget):
+            recent = attention_scorer_factory(model, "snapkv")
+
+            def factory(i, info):
+                prior = TriAttentionScorer(stats.q_mean[i], stats.q_abs_mean[i], info.rope, info.n_kv_heads)
+                return PriorPlusRecentScorer(prior, recent(i, info), weight)
+
+            return cache(model, budget, scorer_factory=factory)
+
+        return make
+
     return {
         TRIATTENTION: tri(),
+        "TriAttention + recent queries (z-mix 1:1)": prior_plus_recent(1.0),
+        "TriAttention (window budget/4)": lambda model, budget: make_prompt_cache(
+            model, budget, window=budget // 4, stats=stats),
         "TriAttention (per_layer_per_head)": tri(pruning_mode="per_layer_per_head"),
         "TriAttention (self-calibrated)": lambda model, budget: cache(model, budget, stats="self"),
         "TriAttention trig term only": tri(terms="trig"),

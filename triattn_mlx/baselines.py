@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from .model_info import attention_module, model_layers
+from .scoring import zscore
 from .stats import RopeTap, remove_query_recorders
 
 
@@ -157,6 +158,18 @@ class RKVScorer(SnapKVScorer):
 
 
 ATTENTION_SCORERS = {"h2o": H2OScorer, "snapkv": SnapKVScorer, "rkv": RKVScorer}
+
+
+class PriorPlusRecentScorer:
+    """A variant: TriAttention's calibrated score mixed with the observed attention of the
+    most recent real queries (SnapKV's signal): z(prior) + weight * z(recent), per KV head."""
+
+    def __init__(self, prior, recent, weight=1.0):
+        self.prior, self.recent, self.weight = prior, recent, weight
+
+    def __call__(self, keys, positions, offset):
+        return (zscore(self.prior(keys, positions, offset))
+                + self.weight * zscore(self.recent(keys, positions, offset)))
 
 
 def attention_scorer_factory(model, kind, **options):

@@ -276,6 +276,7 @@ class BatchTriAttentionKVCache(_BaseCache):
                 self.keys, self.values, self.positions = (
                     mx.concatenate([x[..., : self._idx, :] if x.ndim == 4 else x[..., : self._idx], r], axis=2)
                     for x, r in zip((self.keys, self.values, self.positions), room))
+                mx.eval(self.keys, self.values, self.positions)  # free the old buffers now (see _rebuild)
         if self._pending is None and self._next.min() >= 0:
             # The usual case (decode, unpadded prompts): every new token is real and the
             # positions follow the offsets, computed on the device
@@ -318,14 +319,17 @@ class BatchTriAttentionKVCache(_BaseCache):
             groups.setdefault((start, end, int(self._next[b] - self._garbage[b])), []).append(int(b))
         views = {}
         for (start, end, offset), rows in groups.items():
-            index = mx.array(rows)
-            views[(start, end, offset)] = (rows, mx.take(self.keys[..., start:end, :], index, axis=0),
-                                           mx.take(self.positions[..., start:end], index, axis=0))
+            keys, positions = self.keys[..., start:end, :], self.positions[..., start:end]
+            if len(rows) < len(self._real):
+                index = mx.array(rows)
+                keys, positions = mx.take(keys, index, axis=0), mx.take(positions, index, axis=0)
+            views[(start, end, offset)] = (rows, keys, positions)
         return views
 
     def _prune(self):
         views = self._due_views()
         scores = {key: self.scorer(keys, positions, key[2]) for key, (_, keys, positions) in views.items()}
+        mx.eval(list(scores.values()))  # frees the scored copies before the next layer makes its own
         if self.shared is not None:
             self.shared.submit(self, scores)
             return
@@ -374,3 +378,6 @@ class BatchTriAttentionKVCache(_BaseCache):
         positions = mx.take_along_axis(self.positions, index, axis=2)
         self.positions = mx.where(mx.array(np.stack(pads))[:, None], -1, positions)
         self._idx = L
+        # Materialize now, so the old buffers are freed before the next layer compacts: a
+        # lazy prune step would hold every layer's old and new buffers at once (twice the KV).
+        mx.eval(self.keys, self.values, self.positions)
