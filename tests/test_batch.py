@@ -152,3 +152,16 @@ def test_left_padded_prompt_keeps_only_the_real_tokens(model_and_stats):
         alone_logits = model(mx.array(prompt)[None], cache=alone_cache)
         np.testing.assert_allclose(np.array(logits[b, -1]), np.array(alone_logits[0, -1]), atol=1e-4)
         assert_same_cache([c.extract(b) for c in batch], alone_cache)
+
+
+def test_extending_an_empty_batch_and_filtering_to_none(model_and_stats):
+    model, stats = model_and_stats
+    make = lambda: make_prompt_cache(model, stats=stats, pruning_mode="per_layer_per_head", **SETTINGS)  # noqa: E731
+    full, empty = make(), make()
+    model(mx.array(prompts((50,))[0])[None], cache=full)
+    batch = BatchTriAttentionKVCache.merge([empty[0]])
+    batch.extend(BatchTriAttentionKVCache.merge([full[0]]))
+    np.testing.assert_array_equal(np.array(batch.left_padding), [50, 0])
+    assert_same_cache([batch.extract(1)], [full[0]])
+    batch.filter([])
+    assert batch.size() == 0 and batch.keys.shape[0] == 0

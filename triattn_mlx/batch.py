@@ -207,17 +207,16 @@ class BatchTriAttentionKVCache(_BaseCache):
         self._idx = content
 
     def extend(self, other):
-        if other.keys is None and self.keys is None:
-            pass
-        else:
+        if self._pending is not None or other._pending is not None:
+            raise ValueError("cannot extend a batch cache while a right-padded prompt is in progress")
+        if other.keys is not None or self.keys is not None:
             L = max(self._idx, other._idx)
-            parts = [c._left_padded(L) for c in (self, other)]
+            like = self if self.keys is not None else other
+            parts = [c._left_padded(L, like) for c in (self, other)]
             self.keys, self.values, self.positions = (mx.concatenate(x, axis=0) for x in zip(*parts))
             self._idx = L
         for name in ("_next", "_real", "_garbage", "_trimmable", "prune_rounds"):
             setattr(self, name, np.concatenate([getattr(self, name), getattr(other, name)]))
-        if self._pending is not None or other._pending is not None:
-            raise ValueError("cannot extend a batch cache while a right-padded prompt is in progress")
 
     @property
     def state(self):
@@ -257,9 +256,15 @@ class BatchTriAttentionKVCache(_BaseCache):
         start, end = self._span(b)
         return mx.arange(start, end, dtype=mx.int32)
 
-    def _left_padded(self, L):
-        k, v = (x[..., : self._idx, :] for x in (self.keys, self.values))
-        p = self.positions[..., : self._idx]
+    def _left_padded(self, L, like):
+        """Buffers cut to the held length, padded on the left to L (empty ones shaped like `like`)."""
+        if self.keys is None:
+            B = len(self._real)
+            k, v = (mx.zeros((B, x.shape[1], 0, x.shape[3]), x.dtype) for x in (like.keys, like.values))
+            p = mx.zeros((B, like.keys.shape[1], 0), mx.int32)
+        else:
+            k, v = (x[..., : self._idx, :] for x in (self.keys, self.values))
+            p = self.positions[..., : self._idx]
         pad = [(0, 0), (0, 0), (L - self._idx, 0)]
         return mx.pad(k, pad + [(0, 0)]), mx.pad(v, pad + [(0, 0)]), mx.pad(p, pad, constant_values=-1)
 
