@@ -12,7 +12,9 @@ every flag). Four of its pieces are swapped, all here:
 - the handler (`CompressedAPIHandler`): validates the per-request `kv_budget` field and
   max_tokens against the model's context, and answers GET /v1/triattention/cache with the
   measured state of the stored caches.
-TriAttention caches have no batch form yet, so mlx-lm serves requests one at a time.
+- the response generator (`CompressedResponseGenerator`): concurrent requests with the
+  server's settings are batched by mlx-lm's BatchGenerator (BatchTriAttentionKVCache); a
+  request with its own kv_budget is served alone.
 """
 
 import argparse
