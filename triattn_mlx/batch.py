@@ -39,6 +39,13 @@ def _group(key, size, make):
     return group
 
 
+def _left_pad(keys, values, positions, L):
+    """[B, H, n, ...] buffers padded on the left to length L (padding positions: -1)."""
+    pad = [(0, 0), (0, 0), (L - keys.shape[2], 0)]
+    return (mx.pad(keys, pad + [(0, 0)]), mx.pad(values, pad + [(0, 0)]),
+            mx.pad(positions, pad, constant_values=-1))
+
+
 class BatchSharedSelection:
     """`per_head` pruning over a batch: for each due row, one token set per KV head for all
     layers, from scores averaged over layers (the layers reach a prune in the same pass)."""
@@ -47,12 +54,12 @@ class BatchSharedSelection:
         self.id = uuid.uuid4().hex
         self.members, self._scores = [], []
 
-    def submit(self, cache, scores):
+    def submit(self, cache, scores, views):
+        """`views`: the submitting layer's _due_views (the rows and positions are every layer's)."""
         self._scores.append(scores)
         if len(self._scores) < len(self.members):
             return
         submitted, self._scores = self._scores, []
-        views = cache._due_views()
         mean = {key: sum(s[key] for s in submitted) / len(submitted) for key in views}
         keeps = cache._select(views, mean)
         for member in self.members:
@@ -91,15 +98,15 @@ class BatchTriAttentionKVCache(_BaseCache):
                              "triattn_mlx.calibrate) and pass the stats file")
         if any(getattr(c, "bits", None) is not None for c in caches):
             raise ValueError("quantized TriAttention caches (kv_bits) cannot be batched yet")
+        if any((c.budget, c.window, c.divide_length, c.sinks) != (first.budget, first.window, first.divide_length,
+                                                                   first.sinks) for c in caches):
+            raise ValueError("caches with different budget, window, divide_length or sinks cannot share a batch")
         shared = None
         if first.shared is not None:
             key = ("merge", tuple(c.shared.id for c in caches))
             shared = _group(key, len(first.shared.members), BatchSharedSelection)
         batch = cls(first.budget, first.scorer, first.window, first.divide_length, first.sinks,
                     [0] * len(caches), shared)
-        if any((c.budget, c.window, c.divide_length, c.sinks) != (first.budget, first.window, first.divide_length,
-                                                                   first.sinks) for c in caches):
-            raise ValueError("caches with different budget, window, divide_length or sinks cannot share a batch")
         held = [c for c in caches if c.keys is not None]
         batch._next = np.array([c.offset for c in caches], np.int64)
         batch._real = np.array([c.length for c in caches], np.int64)
@@ -109,15 +116,9 @@ class BatchTriAttentionKVCache(_BaseCache):
             L = int(batch._real.max())
             H, D, Dv = held[0].keys.shape[1], held[0].keys.shape[3], held[0].values.shape[3]
             dtype = held[0].keys.dtype
-            rows = []
-            for c in caches:
-                n = c.length
-                k, v = (c._held() if c.keys is not None else
-                        (mx.zeros((1, H, 0, D), dtype), mx.zeros((1, H, 0, Dv), dtype)))
-                p = c.token_positions() if c.keys is not None else mx.zeros((1, H, 0), mx.int32)
-                pad = [(0, 0), (0, 0), (L - n, 0)]
-                rows.append((mx.pad(k, pad + [(0, 0)]), mx.pad(v, pad + [(0, 0)]),
-                             mx.pad(p, pad, constant_values=-1)))
+            empty = (mx.zeros((1, H, 0, D), dtype), mx.zeros((1, H, 0, Dv), dtype), mx.zeros((1, H, 0), mx.int32))
+            rows = [_left_pad(*((*c._held(), c.token_positions()) if c.keys is not None else empty), L)
+                    for c in caches]
             batch.keys, batch.values, batch.positions = (mx.concatenate(x, axis=0) for x in zip(*rows))
             batch._idx = L
         return batch
@@ -202,8 +203,7 @@ class BatchTriAttentionKVCache(_BaseCache):
         content = int((self._real + self._garbage).max()) if len(idx) else 0
         start = self._idx - content
         self.keys, self.values, self.positions = (
-            x[rows][..., start : self._idx, :] if x.ndim == 4 else x[rows][..., start : self._idx]
-            for x in (self.keys, self.values, self.positions))
+            x[rows][:, :, start : self._idx] for x in (self.keys, self.values, self.positions))
         self._idx = content
 
     def extend(self, other):
@@ -261,12 +261,8 @@ class BatchTriAttentionKVCache(_BaseCache):
         if self.keys is None:
             B = len(self._real)
             k, v = (mx.zeros((B, x.shape[1], 0, x.shape[3]), x.dtype) for x in (like.keys, like.values))
-            p = mx.zeros((B, like.keys.shape[1], 0), mx.int32)
-        else:
-            k, v = (x[..., : self._idx, :] for x in (self.keys, self.values))
-            p = self.positions[..., : self._idx]
-        pad = [(0, 0), (0, 0), (L - self._idx, 0)]
-        return mx.pad(k, pad + [(0, 0)]), mx.pad(v, pad + [(0, 0)]), mx.pad(p, pad, constant_values=-1)
+            return _left_pad(k, v, mx.zeros((B, like.keys.shape[1], 0), mx.int32), L)
+        return _left_pad(*(x[:, :, : self._idx] for x in (self.keys, self.values, self.positions)), L)
 
     def _append(self, keys, values):
         B, H, N, D = keys.shape
@@ -279,7 +275,7 @@ class BatchTriAttentionKVCache(_BaseCache):
                 self.keys, self.values, self.positions = room
             else:
                 self.keys, self.values, self.positions = (
-                    mx.concatenate([x[..., : self._idx, :] if x.ndim == 4 else x[..., : self._idx], r], axis=2)
+                    mx.concatenate([x[:, :, : self._idx], r], axis=2)
                     for x, r in zip((self.keys, self.values, self.positions), room))
                 mx.eval(self.keys, self.values, self.positions)  # free the old buffers now (see _rebuild)
         if self._pending is None and self._next.min() >= 0:
@@ -336,7 +332,7 @@ class BatchTriAttentionKVCache(_BaseCache):
         scores = {key: self.scorer(keys, positions, key[2]) for key, (_, keys, positions) in views.items()}
         mx.eval(list(scores.values()))  # frees the scored copies before the next layer makes its own
         if self.shared is not None:
-            self.shared.submit(self, scores)
+            self.shared.submit(self, scores, views)
             return
         self._compact(self._select(views, scores))
 

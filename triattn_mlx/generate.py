@@ -125,14 +125,18 @@ def generate_batch(args):
 
     prompts = read_prompts(args.prompts_file)
     model, tokenizer = load(args.model)
-    if not args.no_compress and resolve_stats(args.stats, model) is None:
-        raise ValueError("no shipped calibration stats match this model, and self-calibrated caches cannot be "
-                         "batched: make stats with python -m triattn_mlx.calibrate and pass --stats")
+    if args.no_compress:
+        caches = [build_cache(model, args) for _ in prompts]
+    else:
+        stats = resolve_stats(args.stats, model)
+        if stats is None:
+            raise ValueError("no shipped calibration stats match this model, and self-calibrated caches cannot be "
+                             "batched: make stats with python -m triattn_mlx.calibrate and pass --stats")
+        caches = [make_prompt_cache(model, stats=stats, **make_prompt_cache_options(args)) for _ in prompts]
     use_template = not args.ignore_chat_template and tokenizer.has_chat_template
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
     tokens = [tokenizer.apply_chat_template(system + [{"role": "user", "content": p}], add_generation_prompt=True)
               if use_template else tokenizer.encode(p) for p in prompts]
-    caches = [build_cache(model, args) for _ in prompts]
     result = mlx_generate.batch_generate(
         model, tokenizer, tokens, prompt_caches=caches, max_tokens=args.max_tokens, return_prompt_caches=True,
         sampler=make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k),
