@@ -5,3 +5,9 @@
 #define KEY(row, j) \
   ((float)((keys[(row) * (D * BITS / 32) + (j) / (32 / BITS)] >> (((j) % (32 / BITS)) * BITS)) & ((1u << BITS) - 1u)) \
    * (float)scales[(row) * (D / GS) + (j) / GS] + (float)biases[(row) * (D / GS) + (j) / GS])
+// `count` consecutive elements of key row `row` from element e into float dst[]
+// (consecutive elements share code words, which the compiler loads once).
+#define LOAD_RUN(dst, row, e, count)      \
+  for (int i_ = 0; i_ < (count); i_++) {  \
+    dst[i_] = KEY(row, (e) + i_);         \
+  }

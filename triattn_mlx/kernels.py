@@ -46,10 +46,11 @@ def _kernel(kind, storage="plain"):
     """The score kernel for `kind` (metal/cuda) reading keys stored `plain` or `quantized`."""
     body = (SOURCES / "triattention_score.body").read_text()
     prologue = (SOURCES / f"prologue.{kind}").read_text()
+    header = (SOURCES / f"loads.{kind}.h").read_text() + "\n" + (SOURCES / f"keys_{storage}.h").read_text()
     make = mx.fast.metal_kernel if kind == "metal" else mx.fast.cuda_kernel
     inputs = ["keys", "weights"] if storage == "plain" else ["keys", "scales", "biases", "weights"]
     return make(name=f"triattention_score_{storage}_{kind}", input_names=inputs, output_names=["scores"],
-                header=(SOURCES / f"keys_{storage}.h").read_text(), source=prologue + "\n" + body)
+                header=header, source=prologue + "\n" + body)
 
 
 def fused_weights(w, c, pairs):
@@ -73,20 +74,38 @@ def can_fuse(keys, style):
     return style is not None and keys.shape[-1] in FUSED_HEAD_DIMS and keys.dtype in FUSED_DTYPES
 
 
-LANES_PER_KEY = 8  # the kernel's SUB: lanes that share one key's pairs
+KEY_KIND = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}  # the kernel's KT
 
 
-def _launch(kernel, inputs, shape, n_heads, template, warps_per_group=8, target_warps=8192, rows=2,
-            lanes_per_key=LANES_PER_KEY):
+@lru_cache(maxsize=None)
+def plain_lanes_per_key(head_dim, dtype, lanes_per_key=None):
+    """Lanes that share one key (the kernel's SUB) for plain keys: each lane loads its run
+    of D/2 / SUB consecutive elements in 16-byte loads, so the run must fill them. The
+    default gives every lane one 16-byte load per half of its pairs."""
+    lanes = lanes_per_key or min(32, head_dim // 2 * dtype.size // 16)
+    if lanes not in (1, 2, 4, 8, 16, 32) or (head_dim // 2 // lanes) * dtype.size % 16:
+        raise ValueError(f"lanes_per_key={lanes} does not split head_dim {head_dim} ({dtype}) into 16-byte runs")
+    return lanes
+
+
+def _launch(kernel, inputs, shape, n_heads, template, **launch):
+    (scores,) = kernel(inputs=inputs, **_launch_config(shape, n_heads, tuple(template), **launch))
+    return scores
+
+
+@lru_cache(maxsize=1024)
+def _launch_config(shape, n_heads, template, warps_per_group=8, target_warps=8192, rows=2, lanes_per_key=8):
+    """Grid, groups and template for one launch; cached, since a prune round launches the
+    same shapes in every layer and the host's time per launch is the kernel's largest cost
+    at short contexts."""
     B, n_kv, N = shape
     # Enough warps to fill the GPU, each looping over several keys (`rows` blocks of
-    # 32 / LANES_PER_KEY keys per pass, their loads issued together) so that a group's
+    # 32 / lanes_per_key keys per pass, their loads issued together) so that a group's
     # weight load is amortized over many keys.
     block = 32 // lanes_per_key
     keys_per_warp = max(block, min(64, B * n_kv * N // target_warps))
     warps_y = -(-N // (keys_per_warp * warps_per_group)) * warps_per_group
-    (scores,) = kernel(
-        inputs=inputs,
+    return dict(
         template=[*template, ("G", n_heads // n_kv), ("SUB", lanes_per_key),
                   ("ROWS", max(1, min(rows, keys_per_warp // block)))],
         grid=(32, warps_y, B * n_kv),
@@ -94,14 +113,17 @@ def _launch(kernel, inputs, shape, n_heads, template, warps_per_group=8, target_
         output_shapes=[(B, n_heads, N)],
         output_dtypes=[mx.float32],
     )
-    return scores
 
 
-def fused_scores(keys, packed, style, kind=None, **launch):
-    """The kernel's score: keys [B, H_kv, N, D], packed [H, 3, D/2] -> [B, H, N] float32."""
+def fused_scores(keys, packed, style, kind=None, lanes_per_key=None, **launch):
+    """The kernel's score: keys [B, H_kv, N, D], packed [H, 3, D/2] -> [B, H, N] float32.
+    Rows are read in 16-byte loads: a row-contiguous array's rows start 16-byte aligned
+    (D * itemsize is a multiple of 16 for every fused head_dim; MLX buffers are aligned)."""
     B, n_kv, N, D = keys.shape
-    template = [("T", keys.dtype), ("D", D), ("HALF", int(style == "half"))]
-    return _launch(_kernel(kind or backend()), [keys, packed], (B, n_kv, N), packed.shape[0], template, **launch)
+    lanes = plain_lanes_per_key(D, keys.dtype, lanes_per_key)
+    template = (("T", keys.dtype), ("KT", KEY_KIND[keys.dtype]), ("D", D), ("HALF", int(style == "half")))
+    return _launch(_kernel(kind or backend()), [keys, packed], (B, n_kv, N), packed.shape[0], template,
+                   lanes_per_key=lanes, **launch)
 
 
 def can_fuse_quantized(quantized_keys, bits, group_size, style):

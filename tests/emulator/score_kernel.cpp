@@ -1,11 +1,13 @@
-// The score kernel's CUDA twin run on CPU threads: metal/prologue.cuda + the shared body,
-// one std::thread per lane, warp shuffles through per-warp barriers, group memory as a
-// static array. Checks every score against a float64 reference. Built and run by
+// The score kernel's CUDA twin run on CPU threads: metal/prologue.cuda + the shared body
+// and key headers, one std::thread per lane, warp shuffles through per-warp barriers, group
+// memory as a static array, and CPU stand-ins for the 16-byte loads of loads.cuda.h. Checks every score against a float64 reference. Built and run by
 // tests/test_kernel_emulator.py (g++ -std=c++20 -pthread); exit status 1 on a mismatch.
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <thread>
 #include <vector>
@@ -36,13 +38,37 @@ float shuffle_xor(float x, int o) {
 #define __syncthreads() group_barrier->arrive_and_wait()
 #define __shfl_xor_sync(mask, x, o) shuffle_xor(x, o)
 
+// loads.cuda.h on the CPU: the same 16-byte loads and bit conversions.
+struct uint4 {
+  unsigned x, y, z, w;
+};
+#define FN inline
+template <typename P>
+uint4 load_u4(const P* p) {
+  uint4 v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+#define LOAD_U4(p) load_u4(p)
+FN float bits_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+FN float half_bits_to_float(unsigned h) {
+  const uint16_t bits = (uint16_t)h;
+  _Float16 x;
+  std::memcpy(&x, &bits, 2);
+  return (float)x;
+}
+
 #include "../../metal/keys_plain.h"
-template <typename T, int D, int HALF, int G, int ROWS, int SUB>
+template <typename T, int KT, int D, int HALF, int G, int ROWS, int SUB>
 void score_plain(const T* keys, const Shape keys_shape, const float* weights, float* scores) {
 #include "../../metal/prologue.cuda"
 #include "../../metal/triattention_score.body"
 }
-#undef KEY
+#undef LOAD_RUN
 #include "../../metal/keys_quantized.h"
 template <typename T, int D, int HALF, int G, int ROWS, int SUB, int BITS, int GS>
 void score_quantized(const unsigned* keys, const Shape keys_shape, const T* scales, const T* biases,
@@ -78,8 +104,28 @@ void launch(int N, int BH, int keys_per_warp, F kernel) {
   }
 }
 
-// BITS 0: plain float keys; else mx.quantize layout with group size GS.
-template <int D, int HALF, int G, int ROWS, int SUB, int BITS, int GS>
+// Plain keys stored as float32, float16 or bfloat16 (KT 0, 1, 2), rounded in `dense` too.
+template <int KT>
+auto store(std::vector<float>& dense) {
+  using S = std::conditional_t<KT == 0, float, std::conditional_t<KT == 1, _Float16, uint16_t>>;
+  std::vector<S> stored(dense.size());
+  for (size_t i = 0; i < dense.size(); i++) {
+    if constexpr (KT == 2) {
+      unsigned bits;
+      std::memcpy(&bits, &dense[i], 4);
+      stored[i] = (uint16_t)(bits >> 16);
+      bits = (bits >> 16) << 16;
+      std::memcpy(&dense[i], &bits, 4);
+    } else {
+      stored[i] = (S)dense[i];
+      dense[i] = (float)stored[i];
+    }
+  }
+  return stored;
+}
+
+// BITS 0: plain keys of kind KT; else mx.quantize layout with group size GS.
+template <int D, int HALF, int G, int ROWS, int SUB, int BITS, int GS, int KT = 0>
 bool run_case(int N, int keys_per_warp, unsigned seed) {
   const int B = 2, H = 2;
   std::mt19937 rng(seed);
@@ -89,8 +135,10 @@ bool run_case(int N, int keys_per_warp, unsigned seed) {
   const Shape shape{{B, H, N, D}};
   if constexpr (BITS == 0) {
     for (auto& x : dense) x = normal(rng);
+    const auto keys = store<KT>(dense);
+    using S = typename std::remove_cvref_t<decltype(keys)>::value_type;
     launch(N, B * H, keys_per_warp, [&] {
-      score_plain<float, D, HALF, G, ROWS, SUB>(dense.data(), shape, weights.data(), scores.data());
+      score_plain<S, KT, D, HALF, G, ROWS, SUB>(keys.data(), shape, weights.data(), scores.data());
     });
   } else {
     const int words = D * BITS / 32, groups = D / GS;
@@ -130,8 +178,8 @@ bool run_case(int N, int keys_per_warp, unsigned seed) {
     }
   }
   const bool ok = worst <= 1e-5 * largest;
-  std::printf("%s D=%d HALF=%d G=%d ROWS=%d SUB=%d BITS=%d GS=%d N=%d keys/warp=%d: max err %.2e of %.1f\n",
-              ok ? "ok  " : "FAIL", D, HALF, G, ROWS, SUB, BITS, GS, N, keys_per_warp, worst, largest);
+  std::printf("%s D=%d HALF=%d G=%d ROWS=%d SUB=%d BITS=%d GS=%d KT=%d N=%d keys/warp=%d: max err %.2e of %.1f\n",
+              ok ? "ok  " : "FAIL", D, HALF, G, ROWS, SUB, BITS, GS, KT, N, keys_per_warp, worst, largest);
   return ok;
 }
 
@@ -144,6 +192,12 @@ int main() {
   ok &= run_case<128, 0, 8, 4, 4, 0, 0>(157, 64, 4);
   ok &= run_case<256, 1, 4, 2, 16, 0, 0>(203, 32, 5);
   ok &= run_case<256, 0, 1, 1, 8, 0, 0>(99, 4, 6);
+  ok &= run_case<256, 1, 4, 1, 32, 0, 0>(37, 4, 11);
+  // float16 and bfloat16 keys: 8 elements per 16-byte load
+  ok &= run_case<64, 1, 4, 2, 4, 0, 0, 1>(203, 32, 12);
+  ok &= run_case<128, 1, 4, 2, 8, 0, 0, 1>(203, 32, 13);
+  ok &= run_case<128, 0, 4, 2, 8, 0, 0, 2>(203, 32, 14);
+  ok &= run_case<256, 1, 8, 1, 16, 0, 0, 2>(131, 4, 15);
   // quantized keys: bit widths and group sizes
   ok &= run_case<64, 1, 4, 2, 8, 4, 32>(203, 32, 7);
   ok &= run_case<128, 0, 4, 2, 8, 8, 64>(203, 32, 8);
