@@ -165,3 +165,45 @@ def test_extending_an_empty_batch_and_filtering_to_none(model_and_stats):
     assert_same_cache([batch.extract(1)], [full[0]])
     batch.filter([])
     assert batch.size() == 0 and batch.keys.shape[0] == 0
+
+
+def test_dropped_caches_free_their_arrays_without_the_cycle_collector(model_and_stats):
+    """A per_head group must not keep its caches alive: a server dropping a conversation's
+    cache (or a batch) gets its memory back at once, not whenever Python's cycle collector
+    runs. Checked with the collector off, for single and batch caches."""
+    import gc
+    import weakref
+
+    model, stats = model_and_stats
+    gc.collect()
+    gc.disable()
+    try:
+        singles = [make_prompt_cache(model, stats=stats, **SETTINGS) for _ in range(2)]
+        for cache, prompt in zip(singles, prompts((200, 100))):
+            model(mx.array(prompt)[None], cache=cache)
+        batch = [BatchTriAttentionKVCache.merge(list(layer)) for layer in zip(*singles)]
+        model(mx.array([[1], [2]]), cache=batch)
+        refs = [weakref.ref(c) for c in singles[0] + batch]
+        del singles, batch, cache
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+
+
+def test_a_deep_copy_prunes_as_its_original(model_and_stats):
+    """mlx-lm deep-copies prompt caches (BatchGenerator, the server's prompt cache): the
+    copy's per_head group must hold the copies, not the originals."""
+    import copy
+
+    model, stats = model_and_stats
+    first, rest = prompts((150, 150))
+    caches = make_prompt_cache(model, stats=stats, **SETTINGS)
+    model(mx.array(first)[None], cache=caches)
+    copies = copy.deepcopy(caches)
+    group = copies[0].shared
+    assert group is not caches[0].shared and set(group.members) == set(copies)
+    for layers in (caches, copies):
+        model(mx.array(rest)[None], cache=layers)
+    assert copies[0].prune_rounds == caches[0].prune_rounds > 1
+    for a, b in zip(caches, copies):
+        np.testing.assert_array_equal(np.array(a.token_positions()), np.array(b.token_positions()))

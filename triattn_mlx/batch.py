@@ -17,13 +17,12 @@ So every sequence of a batch keeps the tokens it would keep alone, and the buffe
 holds more than budget + divide_length (plus the chunk being read) tokens per row.
 """
 
-import uuid
-
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import _BaseCache
 
+from .cache import CacheGroup
 from .selection import select_tokens
 
 _FORMING = {}  # key -> group whose member caches are still being created, one per layer
@@ -46,13 +45,9 @@ def _left_pad(keys, values, positions, L):
             mx.pad(positions, pad, constant_values=-1))
 
 
-class BatchSharedSelection:
+class BatchSharedSelection(CacheGroup):
     """`per_head` pruning over a batch: for each due row, one token set per KV head for all
     layers, from scores averaged over layers (the layers reach a prune in the same pass)."""
-
-    def __init__(self):
-        self.id = uuid.uuid4().hex
-        self.members, self._scores = [], []
 
     def submit(self, cache, scores, views):
         """`views`: the submitting layer's _due_views (the rows and positions are every layer's)."""
@@ -74,7 +69,7 @@ class BatchTriAttentionKVCache(_BaseCache):
         self.divide_length, self.sinks = divide_length, sinks
         self.shared = shared
         if shared is not None:
-            shared.members.append(self)
+            shared.members.add(self)
         B = len(left_padding)
         self.keys = self.values = self.positions = None  # positions: [B, H, cap] int32, -1 = padding
         self._idx = 0  # physical length: every row ends here

@@ -10,8 +10,10 @@ consistent, and means a chunk of a long prompt is compressed as soon as it is re
 `offset` is the absolute position, so RoPE keeps seeing true positions after eviction.
 """
 
+import copy
 import time
 import uuid
+import weakref
 
 import mlx.core as mx
 import mlx_lm.models.cache as mlx_cache
@@ -51,14 +53,28 @@ def check_quantization(bits, group_size):
         raise ValueError(f"kv group size must be 32, 64 or 128, got {group_size!r}")
 
 
-class SharedSelection:
-    """`per_head` pruning: one token set per KV head for all layers, chosen from scores
-    averaged over layers. Every member prunes in the same forward pass (they grow in
-    lockstep); the last one to submit its scores compacts them all."""
+class CacheGroup:
+    """Caches that prune together, one per layer. The group holds them weakly, so a dropped
+    cache frees its arrays at once (cache and group refer to each other: with strong
+    references, only Python's cycle collector would free them)."""
 
     def __init__(self, group_id=None):
         self.id = group_id or uuid.uuid4().hex
-        self.members, self._scores = [], []
+        self.members, self._scores = weakref.WeakSet(), []
+
+    def __deepcopy__(self, memo):
+        # mlx-lm deep-copies prompt caches (BatchGenerator): the copy groups the members' copies
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.id, new._scores = uuid.uuid4().hex, copy.deepcopy(self._scores, memo)
+        new.members = weakref.WeakSet(copy.deepcopy(m, memo) for m in list(self.members))
+        return new
+
+
+class SharedSelection(CacheGroup):
+    """`per_head` pruning: one token set per KV head for all layers, chosen from scores
+    averaged over layers. Every member prunes in the same forward pass (they grow in
+    lockstep); the last one to submit its scores compacts them all."""
 
     def submit(self, cache, scores):
         self._scores.append(scores)
@@ -94,7 +110,7 @@ class TriAttentionKVCache(_BaseCache):
         self.budget, self.window, self.divide_length, self.sinks = budget, window, divide_length, sinks
         self.scorer, self.shared = scorer, shared
         if shared is not None:
-            shared.members.append(self)
+            shared.members.add(self)
         self.keys = self.values = None
         # Absolute positions of the first `kept` tokens (the last compaction's survivors);
         # the tokens appended since follow contiguously up to offset - 1, so their
@@ -263,7 +279,7 @@ class TriAttentionKVCache(_BaseCache):
             # which leaves the registry once complete (loading the file twice gives two).
             group_id, group_size = str(v["shared"][0]), int(v["shared"][1])
             group = _LOADING_GROUPS.setdefault(group_id, SharedSelection(group_id))
-            group.members.append(self)
+            group.members.add(self)
             if len(group.members) == group_size:
                 del _LOADING_GROUPS[group_id]
             self.shared = group
