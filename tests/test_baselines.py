@@ -109,3 +109,12 @@ def test_attention_scorers_drive_the_cache(tiny_model, kind):
     finally:
         remove_recent_queries(tiny_model)
     assert not isinstance(tiny_model.model.layers[0].self_attn.rope, RecentQueries)
+
+
+def test_random_eviction_is_seeded_by_the_offset():
+    from triattn_mlx.baselines import random_scores
+
+    positions = mx.zeros((1, 2, 50), mx.int32)
+    a, b, c = (np.array(random_scores(None, positions, offset)) for offset in (300, 300, 301))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)

@@ -22,8 +22,9 @@ from .stats import RopeTap, remove_query_recorders
 
 
 def random_scores(keys, positions, offset):
-    """Random eviction: the floor any method must clear."""
-    return mx.random.uniform(shape=positions.shape)
+    """Random eviction: the floor any method must clear. Seeded by the offset, so a rerun
+    evicts the same tokens."""
+    return mx.random.uniform(shape=positions.shape, key=mx.random.key(int(offset)))
 
 
 def recency_scores(keys, positions, offset):
