@@ -425,3 +425,23 @@ def test_eight_clients_batched_vs_serial(real_model_dir, tmp_path, capsys):
                   f"total, {r['completion_tokens'] / r['seconds']:.1f} generated tok/s")
     assert results["batched"]["texts"] == results["serial"]["texts"]
     assert results["batched"]["seconds"] < results["serial"]["seconds"]
+
+
+def test_a_stored_cache_is_copied_only_when_it_can_be_trimmed():
+    """The prompt cache checks that the divergent tail is still held before it copies the
+    stored cache (a copy of a long cache is not free)."""
+    import mlx.core as mx
+    from conftest import tiny_llama
+    from mlx_lm.models.cache import KVCache
+
+    from triattn_mlx.server import _trims_fully
+
+    model = tiny_llama(seed=0)
+    cache = make_prompt_cache(model, 32, stats="self", window=8, divide_length=8)
+    model(mx.arange(100)[None] % 128, cache=cache)  # pruned: only the last tokens stay trimmable
+    held = cache[0].trimmable_tokens
+    assert 0 < held < 100
+    assert _trims_fully(cache, held) and not _trims_fully(cache, held + 1)
+    plain = [KVCache() for _ in cache]
+    model(mx.arange(10)[None], cache=plain)
+    assert _trims_fully(plain, 10) and not _trims_fully(plain, 11)

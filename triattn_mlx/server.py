@@ -93,6 +93,12 @@ class Compression:
                                  kv_group_size=s.kv_group_size)
 
 
+def _trims_fully(cache, n):
+    """Whether every layer can drop its newest n tokens: a compressed cache only while they
+    are still held (trimmable_tokens), mlx-lm's caches while it holds n tokens."""
+    return all(c.is_trimmable() and n <= min(c.offset, getattr(c, "trimmable_tokens", c.offset)) for c in cache)
+
+
 class CompressedPromptCache(mlx_server.LRUPromptCache):
     """mlx-lm's LRU prompt cache, keyed also by compression settings, reusing a longer
     stored cache only when trimming it back to the common prefix succeeds."""
@@ -112,10 +118,12 @@ class CompressedPromptCache(mlx_server.LRUPromptCache):
         if longer is None and result.longer is not None and result.common_prefix > shorter:
             longer, prefix = result.longer, min(prefix, result.common_prefix)
         if longer is not None and prefix > 0:
-            cache = copy.deepcopy(self._trie.get(result.model, longer).prompt_cache)
+            stored = self._trie.get(result.model, longer).prompt_cache
             n = len(longer) - prefix
-            if all(c.is_trimmable() for c in cache) and all(c.trim(n) == n for c in cache):
-                return cache, tokens[prefix:]
+            if _trims_fully(stored, n):  # checked before copying: a copy of a long cache is not free
+                cache = copy.deepcopy(stored)
+                if all(c.trim(n) == n for c in cache):
+                    return cache, tokens[prefix:]
             logging.info(f"[triattn] prompt diverges {n} tokens back, inside evicted history: recomputing")
         if shorter > 0:
             return copy.deepcopy(self._trie.get(result.model, result.shorter).prompt_cache), tokens[shorter:]
