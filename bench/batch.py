@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+import triattn_mlx  # noqa: F401  (OpenBLAS preload on Linux, before mlx)
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 

@@ -1,18 +1,22 @@
-"""Decode speed and KV memory vs context length: full KV, TriAttention, mlx-lm's bounded caches.
+"""Decode and prefill speed and memory vs context length: full KV, TriAttention, mlx-lm's
+bounded and quantized caches.
 
-    python -m bench.speed [--lengths 8192 32768 65536] [--budget 4096] [--decode-tokens 512]
+    python -m bench.speed [--quick] [--lengths 8192 32768 65536] [--budget 4096] [--decode-tokens 512]
 
-A random-weight 4-bit model with Qwen3-8B's config (decodes at the real model's speed) is
-prefilled with N random tokens, then decodes --decode-tokens tokens. The decode rate
-excludes prefill. The ceiling no eviction method can beat is a plain KVCache holding the
-budget's number of tokens (a context of --budget tokens, then the decoded ones); mlx-lm's
-RotatingKVCache(budget) is timed too (on MLX CUDA it decodes slower than that ceiling).
-TriAttention holds budget + 128 slots between prune rounds (the reference's definition of
-the budget); a row at budget - 128 holds exactly --budget slots. mlx-lm's QuantizedKVCache (8 and 4 bits, no eviction)
-is timed too. The prune share (scoring + selection + compaction as a fraction of decode
-time) comes from a second TriAttention run that synchronizes every step: a step that runs
-a prune round costs its excess over the median plain step. KV bytes are the arrays the
-caches hold.
+GPU (default): a random-weight 4-bit model with Qwen3-8B's config (decodes at the real
+model's speed). --quick (CPU, under 10 minutes on 2 cores): the real test model
+(SmolLM2-135M, float32) at 4k and 8k tokens (its limit), budget 2048. Each run prefills N
+random tokens in chunks (compressing as it reads), then decodes --decode-tokens tokens.
+Recorded per row: prefill time and peak memory, decode rate (prefill excluded), peak
+memory, and the bytes the caches hold. The ceiling no eviction method can beat is a plain
+KVCache holding the budget's number of tokens (a context of --budget tokens, then the
+decoded ones); mlx-lm's RotatingKVCache(budget) is timed too (on MLX CUDA it decodes slower
+than that ceiling). TriAttention holds budget + 128 slots between prune rounds (the
+reference's definition of the budget); a row at budget - 128 holds exactly --budget slots.
+mlx-lm's QuantizedKVCache (8 and 4 bits, no eviction) is timed too. The prune share
+(scoring + selection + compaction as a fraction of decode time) comes from a second
+TriAttention run that synchronizes every step: a step that runs a prune round costs its
+excess over the median plain step.
 """
 
 import argparse
@@ -20,11 +24,12 @@ import json
 import time
 from pathlib import Path
 
+import triattn_mlx  # noqa: F401  (OpenBLAS preload on Linux, before mlx)
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
-from bench.common import plot, write_json
+from bench.common import RESULTS, plot, write_json
 from bench.kernels import qwen3_8b_4bit
 from triattn_mlx import make_prompt_cache
 from triattn_mlx.cache import cache_report
@@ -38,10 +43,20 @@ def prefill(model, cache, N, prefill_step=1024):
     return tokens[N:][None]
 
 
-def run(model, cache, N, decode_tokens, segments=3):
+def timed_prefill(model, cache, N, prefill_step):
+    """Prefill time and peak memory (from the cache's creation)."""
+    mx.synchronize()
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    y = prefill(model, cache, N, prefill_step)
+    seconds = time.perf_counter() - start
+    return y, {"prefill_s": seconds, "prefill_tok_s": N / seconds, "prefill_peak_bytes": mx.get_peak_memory()}
+
+
+def run(model, cache, N, decode_tokens, prefill_step=1024, segments=3):
     """Decode rate, pipelined as mlx-lm's generate does (one step in flight): the median of
     `segments` equal stretches of the decode (single runs on a shared GPU spread widely)."""
-    y = prefill(model, cache, N)
+    y, measured = timed_prefill(model, cache, N, prefill_step)
     rounds = cache_report(cache)["prune_rounds"]
     rates = []
     for _ in range(segments):
@@ -53,14 +68,15 @@ def run(model, cache, N, decode_tokens, segments=3):
         mx.eval(y)
         rates.append(decode_tokens // segments / (time.perf_counter() - start))
     report = cache_report(cache)
-    return {"decode_tok_s": float(np.median(rates)), "segment_tok_s": rates, "kv_bytes": report["kv_bytes"],
+    return {**measured, "decode_tok_s": float(np.median(rates)), "segment_tok_s": rates,
+            "peak_bytes": mx.get_peak_memory(), "kv_bytes": report["kv_bytes"],
             "prune_rounds": report["prune_rounds"] - rounds}
 
 
-def run_per_step(model, cache, N, decode_tokens):
+def run_per_step(model, cache, N, decode_tokens, prefill_step=1024):
     """Prune share: every step synchronized and timed; steps that ran a prune round cost
     their excess over the median of the others."""
-    y = prefill(model, cache, N)
+    y = prefill(model, cache, N, prefill_step)
     times, pruned = [], []
     for _ in range(decode_tokens):
         rounds = cache_report(cache)["prune_rounds"]
@@ -77,60 +93,85 @@ def run_per_step(model, cache, N, decode_tokens):
             "prune_share": excess / float(times.sum()), "kv_bytes": cache_report(cache)["kv_bytes"]}
 
 
+def test_model():
+    """The real test model (SmolLM2-135M, float32) and stats calibrated on other text."""
+    import mlx_lm
+
+    from triattn_mlx import calibrate
+    from triattn_mlx.testing import code_text, smollm2_model_dir
+
+    model, tokenizer = mlx_lm.load(str(smollm2_model_dir("float32")))
+    return model, calibrate(model, tokenizer.encode(code_text())[:2048], source="inspect.py")
+
+
+QUICK = dict(lengths=[4096, 8064], budget=2048, decode_tokens=48, prefill_step=512)
+FULL = dict(lengths=[8192, 32768, 65536], budget=4096, decode_tokens=512, prefill_step=1024)
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536])
-    parser.add_argument("--budget", type=int, default=4096)
-    parser.add_argument("--decode-tokens", type=int, default=512)
-    parser.add_argument("--output", default=None)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU, the real test model to 8k tokens")
+    parser.add_argument("--lengths", type=int, nargs="+")
+    parser.add_argument("--budget", type=int)
+    parser.add_argument("--decode-tokens", type=int)
+    parser.add_argument("--output", default=None, help="results folder (default: results/cpu with --quick, "
+                                                       "else results/)")
     args = parser.parse_args()
-    model = qwen3_8b_4bit()
-    stats = "stats/qwen3-8b.safetensors"
-    ceiling = f"full KV at {args.budget} tokens of context (ceiling)"
-    below = f"full KV at {args.budget - args.decode_tokens} tokens of context"  # stays <= budget
+    sizes = {**(QUICK if args.quick else FULL), **{k: v for k, v in (
+        ("lengths", args.lengths), ("budget", args.budget), ("decode_tokens", args.decode_tokens)) if v}}
+    budget, decode_tokens, step = sizes["budget"], sizes["decode_tokens"], sizes["prefill_step"]
+    if args.quick:
+        model, stats = test_model()
+        name, folder = "speed-quick", Path(args.output or RESULTS / "cpu")
+    else:
+        model, stats = qwen3_8b_4bit(), "stats/qwen3-8b.safetensors"
+        name, folder = "speed", Path(args.output or RESULTS)
+    ceiling = f"full KV at {budget} tokens of context (ceiling)"
+    below = f"full KV at {budget - decode_tokens} tokens of context"  # stays <= budget
     methods = {
         "full KV": lambda: [KVCache() for _ in model.layers],
         ceiling: lambda: [KVCache() for _ in model.layers],
         below: lambda: [KVCache() for _ in model.layers],
         "QuantizedKVCache 8-bit": lambda: [QuantizedKVCache(bits=8) for _ in model.layers],
         "QuantizedKVCache 4-bit": lambda: [QuantizedKVCache(bits=4) for _ in model.layers],
-        f"RotatingKVCache({args.budget})": lambda: [RotatingKVCache(args.budget, keep=4) for _ in model.layers],
-        f"TriAttention {args.budget}": lambda: make_prompt_cache(model, args.budget, stats),
-        f"TriAttention {args.budget - 128} ({args.budget} slots)": lambda: make_prompt_cache(
-            model, args.budget - 128, stats),
-        f"TriAttention {args.budget} 4-bit": lambda: make_prompt_cache(model, args.budget, stats, kv_bits=4),
+        f"RotatingKVCache({budget})": lambda: [RotatingKVCache(budget, keep=4) for _ in model.layers],
+        f"TriAttention {budget}": lambda: make_prompt_cache(model, budget, stats),
+        f"TriAttention {budget - 128} ({budget} slots)": lambda: make_prompt_cache(model, budget - 128, stats),
+        f"TriAttention {budget} 4-bit": lambda: make_prompt_cache(model, budget, stats, kv_bits=4),
         # The same, each step synchronized and timed: gives the prune share.
-        f"TriAttention {args.budget} (per-step timing)": lambda: make_prompt_cache(model, args.budget, stats),
+        f"TriAttention {budget} (per-step timing)": lambda: make_prompt_cache(model, budget, stats),
     }
-    kwargs = {"folder": Path(args.output)} if args.output else {}
+    if budget - 128 <= 128:  # the default window (128) must fit in the smaller budget
+        del methods[f"TriAttention {budget - 128} ({budget} slots)"]
     rows = []
     # Compile (JIT) the kernels every row uses, prune rounds included, before any timing
     run(model, [KVCache() for _ in model.layers], 1024, 48)
     run(model, make_prompt_cache(model, 256, stats), 1024, 48)
-    for N in args.lengths:
-        for name, make in methods.items():
+    for N in sizes["lengths"]:
+        for label, make in methods.items():
             cache = make()
-            measure = run_per_step if "per-step" in name else run
-            context = {ceiling: args.budget, below: args.budget - args.decode_tokens}.get(name, N)
+            measure = run_per_step if "per-step" in label else run
+            context = {ceiling: budget, below: budget - decode_tokens}.get(label, N)
             try:
-                row = {"N": N, "method": name, "context": context,
-                       **measure(model, cache, context, args.decode_tokens)}
+                row = {"N": N, "method": label, "context": context,
+                       **measure(model, cache, context, decode_tokens, prefill_step=step)}
             except RuntimeError as error:  # e.g. MLX CUDA lacks quantized attention's matmul shapes
-                row = {"N": N, "method": name, "error": str(error).splitlines()[0]}
+                row = {"N": N, "method": label, "error": str(error).splitlines()[0]}
             rows.append(row)
             print(json.dumps(row), flush=True)
             # Written after every row: a later out-of-memory keeps what was measured.
-            write_json("speed", {"args": vars(args), "device": str(mx.default_device()), "rows": rows,
-                                 "model_dtype": str(model.model.norm.weight.dtype).split(".")[-1]}, **kwargs)
+            write_json(name, {"args": {**vars(args), **sizes}, "device": str(mx.default_device()), "rows": rows,
+                              "model_dtype": str(model.model.norm.weight.dtype).split(".")[-1]}, folder)
             del cache
             mx.clear_cache()
-    plot_speed(rows, **kwargs)
+    plot_speed(rows, folder=folder, name=name,
+               title="SmolLM2-135M float32 (CPU)" if args.quick else "Qwen3-8B-shaped 4-bit model")
 
 
-def plot_speed(rows, **kwargs):
+def plot_speed(rows, name="speed", title="Qwen3-8B-shaped 4-bit model", **kwargs):
     """Decode tok/s vs context per method (rows that failed, e.g. unsupported on the
     backend, are left out)."""
-    with plot("speed", **kwargs) as (fig, ax):
+    with plot(name, **kwargs) as (fig, ax):
         for name in dict.fromkeys(r["method"] for r in rows if "per-step" not in r["method"]):
             pts = [(r["N"], r["decode_tok_s"]) for r in rows if r["method"] == name and "decode_tok_s" in r]
             if pts:
@@ -138,7 +179,7 @@ def plot_speed(rows, **kwargs):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("decode tok/s (batch 1)")
-        ax.set_title("Qwen3-8B-shaped 4-bit model")
+        ax.set_title(title)
         ax.legend()
 
 if __name__ == "__main__":
