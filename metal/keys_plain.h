@@ -17,6 +17,6 @@ FN float unpack_16b(uint4 v, int i, int kt) {
   for (int q_ = 0; q_ < (count) / ELEMS_16B; q_++) {                           \
     const uint4 v_ = LOAD_U4(keys + (row) * D + (e) + q_ * ELEMS_16B);         \
     for (int i_ = 0; i_ < ELEMS_16B; i_++) {                                   \
-      dst[q_ * ELEMS_16B + i_] = unpack_16b(v_, i_, KT);                           \
+      dst[q_ * ELEMS_16B + i_] = unpack_16b(v_, i_, KT);                       \
     }                                                                          \
   }

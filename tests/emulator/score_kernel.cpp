@@ -1,6 +1,7 @@
 // The score kernel's CUDA twin run on CPU threads: metal/prologue.cuda + the shared body
 // and key headers, one std::thread per lane, warp shuffles through per-warp barriers, group
-// memory as a static array, and CPU stand-ins for the 16-byte loads of loads.cuda.h. Checks every score against a float64 reference. Built and run by
+// memory as a static array, and CPU stand-ins for the 16-byte loads of loads.cuda.h.
+// Checks every score against a float64 reference. Built and run by
 // tests/test_kernel_emulator.py (g++ -std=c++20 -pthread); exit status 1 on a mismatch.
 #include <algorithm>
 #include <barrier>
