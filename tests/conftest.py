@@ -1,10 +1,11 @@
-import triattn_mlx  # noqa: F401  (first: preloads OpenBLAS on Linux before mlx loads)
-import mlx.core as mx  # noqa: E402
-import mlx_lm  # noqa: E402
-import pytest  # noqa: E402
-from mlx_lm.models import llama  # noqa: E402
+# ruff: noqa: I001, E402  (triattn_mlx first: it preloads OpenBLAS on Linux before mlx loads)
+import triattn_mlx  # noqa: F401
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx_lm.models import llama
 
-from triattn_mlx import calibrate  # noqa: E402
+from triattn_mlx import calibrate
 from triattn_mlx.testing import code_text, smollm2_model_dir  # noqa: E402
 
 

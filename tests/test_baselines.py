@@ -1,13 +1,14 @@
 """Baseline scorers (H2O, SnapKV, R-KV, StreamingLLM, key norm) against numpy definitions,
-and plugged into the cache on a model."""
+and run as methods of the cache on a model. Scorers return raw scores per query head;
+selection (tests/test_selection.py) normalizes and reduces them."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from triattn_mlx import make_prompt_cache
-from triattn_mlx.baselines import (RecentQueries, attention_probs, attention_scorer_factory, H2OScorer,
-                                   key_norm_scores, remove_recent_queries, RKVScorer, SnapKVScorer)
+from triattn_mlx import make_prompt_cache, remove_taps
+from triattn_mlx.baselines import H2OScorer, RKVScorer, SnapKVScorer, attention_probs, key_norm_scores
+from triattn_mlx.taps import RecentQueries
 
 
 def softmax(x):
@@ -39,9 +40,11 @@ def case(seed=0, H=4, n_kv=2, M=40, N=90, D=16):
 
 
 class FakeRecorder(RecentQueries):
-    def __init__(self, queries):
+    """The queries at positions [offset - M, offset), as the rope tap records them."""
+
+    def __init__(self, queries, offset):
         super().__init__(None)
-        self.pending = [mx.array(queries)]
+        self.pending = [(offset - queries.shape[2], mx.array(queries))]
 
 
 def test_attention_probs_match_numpy():
@@ -55,10 +58,10 @@ def test_snapkv_and_rkv_match_numpy():
     q, k, k_pos, offset = case(1)
     window, kernel = 8, 7
     probs = numpy_probs(q[0][:, -window:], k[0], np.arange(offset - window, offset), k_pos[0])
-    importance = probs.mean(1).reshape(2, 2, -1).max(1)  # mean over the window, max over the GQA group
+    importance = probs.mean(1)  # mean over the window, per query head
     padded = np.pad(importance, [(0, 0), (3, 3)], constant_values=-np.inf)
     pooled = np.stack([padded[:, i : i + importance.shape[-1]] for i in range(kernel)]).max(0)
-    got = SnapKVScorer(FakeRecorder(q), 2, window=window, kernel=kernel)(mx.array(k), mx.array(k_pos), offset)
+    got = SnapKVScorer(FakeRecorder(q, offset), window=window, kernel=kernel)(mx.array(k), mx.array(k_pos), offset)
     np.testing.assert_allclose(np.array(got)[0], pooled, atol=1e-6)
 
     kn = k[0] / np.linalg.norm(k[0], axis=-1, keepdims=True)
@@ -69,25 +72,29 @@ def test_snapkv_and_rkv_match_numpy():
         for i in range(N):
             similar = np.nonzero(sim[h, i] > 0.5)[0]
             sim[h, i, similar.max() if len(similar) else 0] = 0
-    redundancy = softmax(sim.mean(1))
-    got = RKVScorer(FakeRecorder(q), 2, window=window, kernel=kernel, mix=0.1)(mx.array(k), mx.array(k_pos), offset)
+    redundancy = np.repeat(softmax(sim.mean(1)), 2, axis=0)  # per KV head, for each query head of its group
+    got = RKVScorer(FakeRecorder(q, offset), window=window, kernel=kernel, mix=0.1)(mx.array(k), mx.array(k_pos),
+                                                                                  offset)
     np.testing.assert_allclose(np.array(got)[0], 0.1 * pooled - 0.9 * redundancy, atol=1e-6)
 
 
 def test_h2o_accumulates_attention_by_position():
     q, k, k_pos, offset = case(2)
-    scorer = H2OScorer(FakeRecorder(q), 2)
+    scorer = H2OScorer(FakeRecorder(q, offset), 4)
     first = np.array(scorer(mx.array(k), mx.array(k_pos), offset))[0]
     probs = numpy_probs(q[0], k[0], np.arange(offset - q.shape[2], offset), k_pos[0])
-    expected = probs.sum(1).reshape(2, 2, -1).sum(1)
+    expected = probs.sum(1)  # [H, N]: attention each held token received, per query head
     np.testing.assert_allclose(first, expected, atol=1e-4)
-    # every query's attention sums to 1: the total is queries x heads per KV head
-    np.testing.assert_allclose(first.sum(-1), q.shape[2] * 2, rtol=1e-5)
+    # every query's attention sums to 1: the total is the number of queries
+    np.testing.assert_allclose(first.sum(-1), q.shape[2], rtol=1e-5)
     # a later round adds the new queries' attention to what each position had
-    scorer.recorder.pending = [mx.array(q[:, :, -5:])]
+    scorer.recorder.pending = [(offset - 5, mx.array(q[:, :, -5:]))]
     second = np.array(scorer(mx.array(k), mx.array(k_pos), offset))[0]
     probs2 = numpy_probs(q[0][:, -5:], k[0], np.arange(offset - 5, offset), k_pos[0])
-    np.testing.assert_allclose(second, expected + probs2.sum(1).reshape(2, 2, -1).sum(1), atol=1e-4)
+    np.testing.assert_allclose(second, expected + probs2.sum(1), atol=1e-4)
+    # queries of another sequence (positions that do not end at this offset) are not counted
+    scorer.recorder.pending = [(3, mx.array(q[:, :, -5:]))]
+    np.testing.assert_allclose(np.array(scorer(mx.array(k), mx.array(k_pos), offset))[0], second, atol=1e-6)
 
 
 def test_key_norm_scores():
@@ -96,18 +103,23 @@ def test_key_norm_scores():
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["h2o", "snapkv", "rkv"])
-def test_attention_scorers_drive_the_cache(tiny_model, kind):
-    factory = attention_scorer_factory(tiny_model, kind)
+@pytest.mark.parametrize("method", ["h2o", "snapkv", "rkv", "streamingllm", "key_norm", "random"])
+@pytest.mark.parametrize("mode", ["per_head", "per_layer_per_head"])
+def test_every_baseline_drives_the_cache_in_both_pruning_modes(tiny_model, method, mode):
     try:
-        cache = make_prompt_cache(tiny_model, 64, window=16, divide_length=16, scorer_factory=factory)
+        cache = make_prompt_cache(tiny_model, 64, method=method, pruning_mode=mode, window=16, divide_length=16)
         tokens = mx.array(np.random.default_rng(4).integers(0, 128, 400))
         for start in range(0, 400, 25):
             mx.eval(tiny_model(tokens[None, start : start + 25], cache=cache))
             assert all(c.size() < 64 + 16 for c in cache)
         assert cache[0].prune_rounds > 10
+        kept = [np.array(c.token_positions()) for c in cache]
+        if mode == "per_head":  # one token set per KV head, shared by the layers
+            np.testing.assert_array_equal(kept[0], kept[1])
+        if method == "streamingllm":  # sinks (0) + the most recent budget tokens
+            np.testing.assert_array_equal(kept[0][0, 0], np.arange(400 - 64, 400))
     finally:
-        remove_recent_queries(tiny_model)
+        remove_taps(tiny_model)
     assert not isinstance(tiny_model.model.layers[0].self_attn.rope, RecentQueries)
 
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from conftest import tiny_llama
 from mlx_lm.generate import BatchGenerator, batch_generate, generate_step
+from mlx_lm.models.cache import save_prompt_cache
 
-from triattn_mlx import calibrate, make_prompt_cache, remove_query_recorders
+from triattn_mlx import calibrate, make_prompt_cache, remove_query_recorders, remove_taps
 from triattn_mlx.batch import BatchTriAttentionKVCache
 
 SETTINGS = dict(budget=64, window=16, divide_length=16)
@@ -43,7 +44,7 @@ def alone(model, cache, prompt, n, prefill=PREFILL):
 
 def assert_same_cache(batch_layers, alone_layers):
     for b, a in zip(batch_layers, alone_layers):
-        assert (b.offset, b.length, b.prune_rounds) == (a.offset, a.length, a.prune_rounds)
+        assert (b.offset, b.size(), b.prune_rounds) == (a.offset, a.size(), a.prune_rounds)
         np.testing.assert_array_equal(np.array(b.token_positions()), np.array(a.token_positions()))
         for x, y in zip(b._held(), a._held()):
             np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-5)
@@ -99,16 +100,16 @@ def test_merge_then_extract_gives_back_each_cache(model_and_stats):
             model(mx.array(prompt)[None], cache=cache)
         singles.append(cache)
     merged = [BatchTriAttentionKVCache.merge([s[i] for s in singles]) for i in range(len(singles[0]))]
-    L = singles[0][0].length  # 150 tokens in one chunk, pruned to the budget
+    L = singles[0][0].size()  # 150 tokens in one chunk, pruned to the budget
     assert merged[0].size() == L == SETTINGS["budget"]
     np.testing.assert_array_equal(np.array(merged[0].left_padding), [0, L - 30, L])
     for b, single in enumerate(singles[:2]):
         assert_same_cache([m.extract(b) for m in merged], single)
     empty = merged[0].extract(2)
-    assert empty.length == 0 and empty.offset == 0
+    assert empty.size() == 0 and empty.offset == 0
 
 
-def test_batches_refuse_what_they_cannot_hold(model_and_stats):
+def test_batches_refuse_what_they_cannot_hold(model_and_stats, tmp_path):
     model, stats = model_and_stats
     self_calibrated = make_prompt_cache(model, stats="self", **SETTINGS)[0]
     remove_query_recorders(model)
@@ -117,8 +118,14 @@ def test_batches_refuse_what_they_cannot_hold(model_and_stats):
     quantized = [make_prompt_cache(model, stats=stats, kv_bits=8, **SETTINGS)[0] for _ in range(2)]
     with pytest.raises(ValueError, match="quantized"):
         BatchTriAttentionKVCache.merge(quantized)
-    with pytest.raises(ValueError, match="cannot be saved"):
-        BatchTriAttentionKVCache.merge([make_prompt_cache(model, stats=stats, **SETTINGS)[0]]).meta_state
+    snapkv = make_prompt_cache(model, method="snapkv", **SETTINGS)[0]
+    with pytest.raises(ValueError, match="snapkv caches cannot be batched"):
+        BatchTriAttentionKVCache.merge([snapkv, snapkv])
+    remove_taps(model)
+    batch = BatchTriAttentionKVCache.merge([make_prompt_cache(model, stats=stats, **SETTINGS)[0]])
+    model(mx.array([[1, 2, 3]]), cache=[batch, batch.merge([make_prompt_cache(model, stats=stats, **SETTINGS)[1]])])
+    with pytest.raises(ValueError, match="a batch cache cannot be saved: extract each sequence's cache first"):
+        save_prompt_cache(str(tmp_path / "batch.safetensors"), [batch])
 
 
 def test_real_model_batch_of_four_generates_as_alone(real_model, real_stats):
@@ -200,8 +207,8 @@ def test_a_deep_copy_prunes_as_its_original(model_and_stats):
     caches = make_prompt_cache(model, stats=stats, **SETTINGS)
     model(mx.array(first)[None], cache=caches)
     copies = copy.deepcopy(caches)
-    group = copies[0].shared
-    assert group is not caches[0].shared and set(group.members) == set(copies)
+    group = copies[0].group
+    assert group is not caches[0].group and set(group.members) == set(copies)
     for layers in (caches, copies):
         model(mx.array(rest)[None], cache=layers)
     assert copies[0].prune_rounds == caches[0].prune_rounds > 1

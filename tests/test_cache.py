@@ -4,10 +4,10 @@ save/load, and errors at construction."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import KVCache, RotatingKVCache, load_prompt_cache, save_prompt_cache
-
 from conftest import tiny_llama
-from triattn_mlx import StatsError, TriAttentionKVCache, calibrate, make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, save_prompt_cache
+
+from triattn_mlx import Settings, StatsError, TriAttentionKVCache, calibrate, load_prompt_cache, make_prompt_cache
 from triattn_mlx.baselines import recency_scores
 
 OPTIONS = dict(budget=64, window=16, divide_length=16, sinks=2)
@@ -28,7 +28,7 @@ def feed(model, cache, tokens, chunk):
 @pytest.mark.parametrize("mode", ["per_layer_per_head", "per_head"])
 def test_cache_stays_bounded_and_positions_stay_absolute(tiny_model, tiny_stats, mode):
     budget, divide_length = 256, 128
-    cache = make_prompt_cache(tiny_model, budget, tiny_stats, pruning_mode=mode)
+    cache = make_prompt_cache(tiny_model, budget, stats=tiny_stats, pruning_mode=mode)
     tokens = np.random.default_rng(2).integers(0, 128, 3100).tolist()
     chunks = [1, 7, 64, 128, 3, 100]
     pos, step = 0, 0
@@ -44,12 +44,12 @@ def test_cache_stays_bounded_and_positions_stay_absolute(tiny_model, tiny_stats,
         assert c.prune_rounds > 10
         assert held.max() == len(tokens) - 1 and held.max() > c.size()
         assert (np.diff(held, axis=-1) > 0).all()  # unique, in temporal order
-        assert set(range(len(tokens) - c.window, len(tokens))) <= set(held[0, 0].tolist())
-        assert {0, 1} <= set(held[0, 0].tolist()) or c.sinks == 0
+        assert set(range(len(tokens) - c.settings.window, len(tokens))) <= set(held[0, 0].tolist())
+        assert {0, 1} <= set(held[0, 0].tolist()) or c.settings.sinks == 0
 
 
 def test_large_chunks_are_compressed_as_they_are_read(tiny_model, tiny_stats):
-    cache = make_prompt_cache(tiny_model, 128, tiny_stats, window=32)
+    cache = make_prompt_cache(tiny_model, 128, stats=tiny_stats, window=32)
     tokens = np.random.default_rng(3).integers(0, 128, 2048).tolist()
     for _ in feed(tiny_model, cache, tokens, 512):
         assert all(c.size() == 128 for c in cache)  # back to budget after every chunk
@@ -109,8 +109,11 @@ def test_trim_before_and_after_eviction(tiny_model, tiny_stats, mode):
     list(feed(tiny_model, cache, list(range(70)), 70))  # prunes to the budget
     c = cache[0]
     assert c.offset == 100 and c.size() == 64
-    assert trim_prompt_cache(cache, c.window + 1) == 0 and c.offset == 100  # evicted history: says no
-    assert trim_prompt_cache(cache, 5) == 5 and c.offset == 95 and c.size() == 59
+    # Evicted history: mlx-lm's helpers must not count on trimming (as with its
+    # RotatingKVCache once it wraps); the cache itself trims what it still holds.
+    assert not can_trim_prompt_cache(cache) and trim_prompt_cache(cache, 5) == 0 and c.offset == 100
+    assert [layer.trim(c.settings.window + 1) for layer in cache] == [0, 0] and c.offset == 100
+    assert [layer.trim(5) for layer in cache] == [5, 5] and c.offset == 95 and c.size() == 59
     assert np.array(c.token_positions()).max() == 94
     list(feed(tiny_model, cache, list(range(30)), 10))  # keeps working after a trim
     assert cache[-1].offset == 125
@@ -139,7 +142,7 @@ def test_save_load_continues_identically(tmp_path, tiny_model, tiny_stats, mode)
         np.testing.assert_array_equal(l1, l2)
     assert loaded[0].prune_rounds == cache[0].prune_rounds > 2
     if mode == "per_head":
-        assert loaded[0].shared is loaded[-1].shared and loaded[0].shared is not cache[0].shared
+        assert loaded[0].group is loaded[-1].group and loaded[0].group is not cache[0].group
 
 
 def test_sliding_window_layers_keep_their_own_cache(tiny_stats):
@@ -150,7 +153,11 @@ def test_sliding_window_layers_keep_their_own_cache(tiny_stats):
     list(feed(model, cache, list(range(120)) * 2, 30))
     assert cache[1].size() < 80 and cache[0].offset == 240
 
-    model.make_cache = lambda: [RotatingKVCache(max_size=32) for _ in model.layers]
+    class AllSliding(type(model)):
+        def make_cache(self):
+            return [RotatingKVCache(max_size=32) for _ in self.layers]
+
+    model.__class__ = AllSliding
     with pytest.raises(ValueError, match="no full-attention layer"):
         make_prompt_cache(model, stats=stats, **OPTIONS)
 
@@ -171,7 +178,7 @@ def test_bad_sizes_fail_at_construction(tiny_model, tiny_stats, kwargs, message)
 def test_stats_for_another_model_are_rejected(tiny_stats):
     other = tiny_llama(num_key_value_heads=4)
     with pytest.raises(StatsError, match="num_kv_heads is 2 in the stats file but 4 in the model"):
-        make_prompt_cache(other, 256, tiny_stats)
+        make_prompt_cache(other, 256, stats=tiny_stats)
 
 
 def test_missing_stats_and_unservable_models_fail_clearly(tiny_model):
@@ -180,12 +187,14 @@ def test_missing_stats_and_unservable_models_fail_clearly(tiny_model):
     with pytest.raises(ValueError, match="has no .layers"):
         make_prompt_cache(object(), 256, scorer_factory=lambda i, info: recency_scores)
     with pytest.raises(ValueError, match="scorer must be callable"):
-        TriAttentionKVCache(256, scorer=None)
+        TriAttentionKVCache(settings=Settings(budget=256), scorer=None)
+    with pytest.raises(TypeError, match="settings must be a triattn_mlx.Settings"):
+        TriAttentionKVCache(settings=dict(budget=256), scorer=recency_scores)
 
 
 def test_self_calibration_uses_the_queries_the_model_runs(tiny_stats):
     from triattn_mlx import remove_query_recorders
-    from triattn_mlx.stats import QueryRecorder
+    from triattn_mlx.taps import QueryRecorder
 
     model = tiny_llama(seed=9)
     tokens = np.random.default_rng(8).integers(0, 128, 300).tolist()
@@ -202,3 +211,18 @@ def test_self_calibration_uses_the_queries_the_model_runs(tiny_stats):
     reference = calibrate(model, tokens)
     np.testing.assert_allclose(cache[0].scorer.q_center, reference.q_mean[0], atol=1e-5)
     np.testing.assert_allclose(cache[0].scorer.q_abs_mean, reference.q_abs_mean[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("first_chunk, second_chunk", [(40, 1311), (90, 300), (1, 257)])
+def test_a_large_chunk_after_room_was_left_fits(tiny_model, tiny_stats, first_chunk, second_chunk):
+    """Growth makes room for the whole chunk, however much free room the buffer had left."""
+    cache = make_prompt_cache(tiny_model, 256, stats=tiny_stats)
+    tokens = np.random.default_rng(9).integers(0, 128, first_chunk + second_chunk).tolist()
+    reference = [KVCache() for _ in tiny_model.layers]
+    for start, n in ((0, first_chunk), (first_chunk, second_chunk)):
+        chunk = mx.array(tokens[start : start + n])[None]
+        tiny_model(chunk, cache=cache)
+        tiny_model(chunk, cache=reference)
+    total = first_chunk + second_chunk
+    assert cache[0].offset == reference[0].offset == total
+    assert cache[0].size() == (256 if total >= 256 + 128 else total)

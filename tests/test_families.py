@@ -51,11 +51,11 @@ def test_family(family):
     tokens = mx.array([list(range(1, 101))])
 
     # budget >= length: the model's own cache and ours give the same logits
-    own, ours = model_cache(model), make_prompt_cache(model, 512, stats)
+    own, ours = model_cache(model), make_prompt_cache(model, 512, stats=stats)
     np.testing.assert_allclose(np.array(model(tokens, cache=ours)), np.array(model(tokens, cache=own)), atol=1e-4)
 
     # under compression: every TriAttention layer bounded, the others are the model's own
-    cache = make_prompt_cache(model, 64, stats, window=16, divide_length=16)
+    cache = make_prompt_cache(model, 64, stats=stats, window=16, divide_length=16)
     for _ in range(4):
         mx.eval(model(tokens[:, :50], cache=cache))
     for mine, theirs in zip(cache, model_cache(model)):

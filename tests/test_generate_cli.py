@@ -42,10 +42,23 @@ def test_long_prompt_is_compressed_and_reported(real_model_dir, quantize):
     assert "estimating query centers" not in r.stderr  # --stats auto found the shipped SmolLM2 stats
     kept, seen = map(int, re.search(r"KV cache: (\d+) of (\d+) tokens", r.stdout).groups())
     assert kept < 64 + 16 and seen > 600
-    sizes = re.search(r"tokens kept per head \(budget 64\), ([\d.]+) MB vs ([\d.]+) MB", r.stdout)
+    sizes = re.search(r"tokens kept per head \(budget 64, triattention\), ([\d.]+) MB vs ([\d.]+) MB", r.stdout)
     kv_mb, full_mb = map(float, sizes.groups())
     assert kv_mb < full_mb / (20 if quantize else 4)  # 4-bit codes + scales vs float32
     assert int(re.search(r"Prune rounds: (\d+)", r.stdout).group(1)) > 5
+
+
+@pytest.mark.parametrize("method", ["streamingllm", "snapkv", "h2o", "rkv"])
+def test_every_baseline_runs_through_mlx_lm_generate(real_model_dir, method):
+    """--method: the baselines run where users run things, mlx-lm's own generate path
+    (which evaluates every cache's state during prefill), pruning as they go."""
+    r = run("--model", str(real_model_dir), "--prompt", "-", "--ignore-chat-template", "--method", method,
+            "--budget", "64", "--window", "16", "--divide-length", "16", "--prefill-step-size", "128",
+            "-m", "24", stdin=prose_text()[:2000])
+    assert r.returncode == 0, r.stderr
+    assert re.search(rf"KV cache: \d+ of \d+ tokens kept per head \(budget 64, {method}\)", r.stdout)
+    assert int(re.search(r"Prune rounds: (\d+)", r.stdout).group(1)) >= 4  # 462 prompt tokens, 128 a chunk
+    assert re.search(r"Generation: 24 tokens", r.stdout)
 
 
 def test_without_matching_stats_auto_self_calibrates_with_a_notice(real_model_dir, tmp_path):
@@ -97,6 +110,7 @@ def test_bad_input_exits_2_with_one_line(real_model_dir, args, message):
 
 def test_stats_for_another_model_exit_2(real_model_dir, tmp_path):
     from conftest import tiny_llama
+
     from triattn_mlx import calibrate
 
     path = tmp_path / "tiny.safetensors"
@@ -163,6 +177,7 @@ def test_prompts_file_generates_each_prompt_as_alone(real_model_dir, stats_file,
 @pytest.mark.parametrize("content,extra,message", [
     ("", [], "holds no prompt"),
     ("hi\n", ["--kv-bits", "4"], "not batched"),
+    ("hi\n", ["--method", "h2o"], "cannot batch --method h2o"),
 ])
 def test_bad_prompts_file_exits_2(real_model_dir, tmp_path, content, extra, message):
     path = tmp_path / "prompts.txt"

@@ -3,11 +3,17 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache, save_prompt_cache
-
 from conftest import tiny_llama
-from triattn_mlx import calibrate, make_prompt_cache
-from triattn_mlx.cache import QuantizedTriAttentionKVCache, cache_report
+from mlx_lm.models.cache import QuantizedKVCache, save_prompt_cache
+
+from triattn_mlx import (
+    QuantizedTriAttentionKVCache,
+    Settings,
+    cache_report,
+    calibrate,
+    load_prompt_cache,
+    make_prompt_cache,
+)
 
 OPTIONS = dict(budget=64, window=16, divide_length=16, sinks=2)
 
@@ -35,7 +41,7 @@ def feed(model, cache, tokens, chunk):
 @pytest.mark.parametrize("bits,group_size", [(8, 64), (4, 64), (4, 32)])
 def test_without_eviction_equals_mlx_lm_quantized_cache(model, stats, bits, group_size):
     tokens = np.random.default_rng(2).integers(0, 128, 300).tolist()
-    ours = make_prompt_cache(model, 1024, stats, kv_bits=bits, kv_group_size=group_size)
+    ours = make_prompt_cache(model, 1024, stats=stats, kv_bits=bits, kv_group_size=group_size)
     theirs = [QuantizedKVCache(group_size=group_size, bits=bits) for _ in ours]
     assert all(isinstance(c, QuantizedTriAttentionKVCache) for c in ours)
     np.testing.assert_allclose(feed(model, ours, tokens, 37), feed(model, theirs, tokens, 37), atol=1e-5)
@@ -122,7 +128,8 @@ def test_kv_memory_at_32k_with_budget_4096_and_4_bits_is_25x_smaller():
     from triattn_mlx.baselines import recency_scores
 
     full = KVCache()
-    ours = QuantizedTriAttentionKVCache(4096, recency_scores, bits=4, group_size=64)
+    settings = Settings(budget=4096, kv_bits=4, kv_group_size=64)
+    ours = QuantizedTriAttentionKVCache(settings=settings, scorer=recency_scores)
     for start in range(0, 32768, 2048):
         k = mx.random.normal((1, 8, 2048, 128)).astype(mx.float16)
         v = mx.random.normal((1, 8, 2048, 128)).astype(mx.float16)

@@ -7,11 +7,10 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from mlx_lm.models.cache import KVCache, RotatingKVCache, load_prompt_cache, save_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, save_prompt_cache
 
-from triattn_mlx import make_prompt_cache
-from triattn_mlx.baselines import random_scores, recency_scores
-from triattn_mlx.evaluate import perplexity, reference_logprobs, reference_nll, teacher_forced
+from support.evaluate import perplexity, reference_logprobs, reference_nll, teacher_forced
+from triattn_mlx import load_prompt_cache, make_prompt_cache
 from triattn_mlx.testing import prose_text, smollm2_model_dir
 
 
@@ -29,7 +28,7 @@ def test_large_budget_gives_the_logits_of_the_full_cache(real_model, real_stats)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Write a short poem about the sea."}], add_generation_prompt=True)
     full = [KVCache() for _ in model.layers]
-    ours = make_prompt_cache(model, 512, real_stats)
+    ours = make_prompt_cache(model, 512, stats=real_stats)
     a = model(mx.array(prompt)[None], cache=full)[0, -1]
     b = model(mx.array(prompt)[None], cache=ours)[0, -1]
     assert float(mx.abs(a - b).max()) <= 1e-5
@@ -44,13 +43,12 @@ def quality_table(model, tokens, stats, budget):
     """Teacher-forced perplexity and mean KL vs full attention, scored after the cache first fills."""
     ref = reference_logprobs(model, tokens)
     nll_full = reference_nll(ref, tokens)
-    recency = lambda i, info: recency_scores  # noqa: E731
     methods = {
-        "triattention (per_head)": lambda: make_prompt_cache(model, budget, stats, pruning_mode="per_head"),
+        "triattention (per_head)": lambda: make_prompt_cache(model, budget, stats=stats, pruning_mode="per_head"),
         "triattention (per_layer_per_head)": lambda: make_prompt_cache(
-            model, budget, stats, pruning_mode="per_layer_per_head"),
-        "random eviction": lambda: make_prompt_cache(model, budget, scorer_factory=lambda i, info: random_scores),
-        "sinks + recent window": lambda: make_prompt_cache(model, budget, sinks=4, scorer_factory=recency),
+            model, budget, stats=stats, pruning_mode="per_layer_per_head"),
+        "random eviction": lambda: make_prompt_cache(model, budget, method="random"),
+        "sinks + recent window": lambda: make_prompt_cache(model, budget, sinks=4, method="streamingllm"),
         "mlx-lm RotatingKVCache(keep=4)": lambda: [RotatingKVCache(budget, keep=4) for _ in model.layers],
     }
     table = {"full attention": {"ppl": perplexity(nll_full, budget), "kl": 0.0}}
@@ -88,7 +86,7 @@ def test_triattention_beats_random_and_rotating_cache(real_model, real_stats, n_
 def test_saved_compressed_cache_continues_identically(tmp_path, real_model, real_stats, mode):
     model, tokenizer = real_model
     tokens = tokenizer.encode(prose_text())[:700]
-    cache = make_prompt_cache(model, 256, real_stats, window=64, divide_length=64, pruning_mode=mode)
+    cache = make_prompt_cache(model, 256, stats=real_stats, window=64, divide_length=64, pruning_mode=mode)
     for start in range(0, len(tokens), 256):
         mx.eval(model(mx.array(tokens[start : start + 256])[None], cache=cache))
     assert cache[0].prune_rounds > 0 and cache[0].size() < 320
@@ -109,6 +107,6 @@ def test_quantized_gguf_model_answers_with_the_compressed_cache(real_stats):
     assert "quantization" in json.loads((smollm2_model_dir(None) / "config.json").read_text())
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
-    cache = make_prompt_cache(model, 256, real_stats, window=32)
+    cache = make_prompt_cache(model, 256, stats=real_stats, window=32)
     text = mlx_lm.generate(model, tokenizer, prompt, max_tokens=12, prompt_cache=cache)
     assert "Paris" in text

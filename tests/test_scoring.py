@@ -8,7 +8,8 @@ import pytest
 from mlx_lm.models.rope_utils import initialize_rope
 
 from triattn_mlx.rope import probe_rope
-from triattn_mlx.scoring import TriAttentionScorer, geometric_offsets, gqa_max, triattention_scores, zscore
+from triattn_mlx.scoring import TriAttentionScorer, geometric_offsets, triattention_scores
+from triattn_mlx.selection import head_scores
 
 D, BASE = 32, 10000.0
 
@@ -128,11 +129,13 @@ def test_closed_form_matches_definition(scaling, traditional, aggregation):
     got = np.array(triattention_scores(cached, scorer.weights(t), scorer.c, scorer.pairs))[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
-    # The scorer z-normalizes per query head, then takes the max over each GQA group.
+    # The scorer returns these raw scores per query head; selection z-normalizes each
+    # head, then takes the max over each GQA group.
+    raw = scorer(cached, mx.array(positions[None, None]), t + 1)
+    np.testing.assert_allclose(np.array(raw)[0], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     z = (expected - expected.mean(-1, keepdims=True)) / expected.std(-1, keepdims=True)
     grouped = z.reshape(n_kv, H // n_kv, N).max(1)
-    full = np.array(scorer(cached, mx.array(positions[None, None]), t + 1))[0]
-    np.testing.assert_allclose(full, grouped, atol=1e-3)
+    np.testing.assert_allclose(np.array(head_scores(raw, n_kv))[0], grouped, atol=1e-3)
 
 
 def test_partial_rotary_pairs_unrotated_dims_as_plain_dot_product():
@@ -151,13 +154,3 @@ def test_partial_rotary_pairs_unrotated_dims_as_plain_dot_product():
     qbar = np.zeros(32)
     qbar[g.pairs[8:, 0]], qbar[g.pairs[8:, 1]] = q_center[0, 8:].real, q_center[0, 8:].imag
     np.testing.assert_allclose(w[16:], qbar[16:], rtol=1e-6)
-
-
-def test_zscore_and_gqa_max_shapes():
-    x = mx.random.normal((2, 6, 10))
-    z = zscore(x)
-    np.testing.assert_allclose(np.array(z.mean(-1)), 0, atol=1e-5)
-    np.testing.assert_allclose(np.array(z.std(-1)), 1, atol=1e-3)
-    g = gqa_max(z, 2)
-    assert g.shape == (2, 2, 10)
-    np.testing.assert_allclose(np.array(g[:, 1]), np.array(z[:, 3:].max(1)))

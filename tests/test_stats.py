@@ -5,8 +5,8 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from conftest import tiny_llama
+
 from triattn_mlx import StatsError, calibrate, load_stats
 from triattn_mlx.stats import METADATA_KEY
 

@@ -2,31 +2,35 @@
 
 Lifecycle of one update_and_fetch call:
   1. append the new keys/values to the buffer;
-  2. hand the full buffer to attention for this call;
-  3. if the buffer holds budget + divide_length tokens, score every cached key, keep the
-     best `budget` per KV head (recent window and sinks always), and compact the buffer.
+  2. hand the held tokens to attention for this call;
+  3. for each row holding budget + divide_length tokens: score its keys (the method's
+     scorer), select (selection.py: normalize, GQA, window and sinks, top-k; per_head
+     pruning first averages the layers' scores, groups.py) and compact the buffer.
 Pruning after the fetch keeps this call's mask (made from the size before the append)
 consistent, and means a chunk of a long prompt is compressed as soon as it is read.
-`offset` is the absolute position, so RoPE keeps seeing true positions after eviction.
+
+The buffer is [B, H_kv, slots, D]. Each row's tokens end at the same slot `_idx`; a row may
+start later (left padding, batch.py) and, while a right-padded prompt is read, end with
+padding (`_garbage`). A single-sequence cache's rows move in lockstep; the batch cache is
+this cache with mlx-lm's batch surface, its rows pruned each on its own schedule.
+Positions are absolute (`offset` is the next token's), so RoPE keeps seeing true positions
+after eviction. They are stored for the slots before `_stored` (survivors of the last
+compaction, padding = -1); the slots after it hold fresh tokens whose positions follow
+from the row's `_shift` (position = shift + slot), so decoding does no position bookkeeping.
 """
 
-import copy
 import time
-import uuid
-import weakref
 
 import mlx.core as mx
-import mlx_lm.models.cache as mlx_cache
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
+from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
-from .model_info import attention_info, attention_module, model_layers
-from .scoring import QuantizedKeys, SelfCalibratedScorer, TriAttentionScorer
-from .selection import gather_tokens, select_tokens
-from .stats import Stats, install_query_recorders, load_stats, validate_stats
-
-PRUNING_MODES = ("per_layer_per_head", "per_head")
+from .groups import forming_group
+from .methods import restore_scorer, saved_scorer
+from .scoring import QuantizedKeys
+from .selection import gather_tokens, head_scores, select_tokens
+from .settings import Settings
 
 
 def first(buffer):
@@ -34,130 +38,89 @@ def first(buffer):
     return buffer[0] if isinstance(buffer, tuple) else buffer
 
 
-def check_sizes(budget, window, divide_length, sinks):
-    for name, value, low in (("budget", budget, 1), ("window", window, 0),
-                             ("divide_length", divide_length, 1), ("sinks", sinks, 0)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if budget <= window + sinks:
-        raise ValueError(
-            f"budget ({budget}) must be larger than window ({window}) + sinks ({sinks}): "
-            "those tokens are always kept and count in the budget"
-        )
-
-
-def check_quantization(bits, group_size):
-    if bits not in (2, 3, 4, 5, 6, 8):
-        raise ValueError(f"kv bits must be one of 2, 3, 4, 5, 6, 8, got {bits!r}")
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"kv group size must be 32, 64 or 128, got {group_size!r}")
-
-
-class CacheGroup:
-    """Caches that prune together, one per layer. The group holds them weakly, so a dropped
-    cache frees its arrays at once (cache and group refer to each other: with strong
-    references, only Python's cycle collector would free them)."""
-
-    def __init__(self, group_id=None):
-        self.id = group_id or uuid.uuid4().hex
-        self.members, self._scores = weakref.WeakSet(), []
-
-    def __deepcopy__(self, memo):
-        # mlx-lm deep-copies prompt caches (BatchGenerator): the copy groups the members' copies
-        new = copy.copy(self)
-        memo[id(self)] = new
-        new.id, new._scores = uuid.uuid4().hex, copy.deepcopy(self._scores, memo)
-        new.members = weakref.WeakSet(copy.deepcopy(m, memo) for m in list(self.members))
-        return new
-
-
-class SharedSelection(CacheGroup):
-    """`per_head` pruning: one token set per KV head for all layers, chosen from scores
-    averaged over layers. Every member prunes in the same forward pass (they grow in
-    lockstep); the last one to submit its scores compacts them all."""
-
-    def submit(self, cache, scores):
-        self._scores.append(scores)
-        if len(self._scores) < len(self.members):
-            return
-        if any(m.length != cache.length for m in self.members):
-            self._scores = []
-            raise RuntimeError("per_head caches fell out of step (a layer was trimmed or fed "
-                               "alone?): trim them together, e.g. mlx_lm's trim_prompt_cache")
-        start = time.perf_counter()
-        mean = sum(self._scores) / len(self._scores)
-        self._scores = []
-        positions = cache.token_positions()
-        keep = select_tokens(mean, positions, cache.offset, cache.budget, cache.window, cache.sinks)
-        for member in self.members:
-            member.compact(keep)
-        if cache.measure_prune_time:
-            mx.eval([(m.keys, m.values, m.positions) for m in self.members])
-            cache.prune_seconds += time.perf_counter() - start
-
-
-_LOADING_GROUPS = {}  # group id -> group being filled by load_prompt_cache
-
-
 class TriAttentionKVCache(_BaseCache):
     step = 256
+    _eval_on_compact = False  # batch caches materialize each layer's compaction (memory)
+    _batch_form = None  # the batch cache class (batch.py registers itself here)
 
-    def __init__(self, budget, scorer, window=128, divide_length=128, sinks=0, shared=None,
-                 measure_prune_time=False):
-        check_sizes(budget, window, divide_length, sinks)
+    def __init_subclass__(cls, batch_form_of=None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if batch_form_of is not None:
+            batch_form_of._batch_form = cls
+
+    def __init__(self, *, settings, scorer, group=None, measure_prune_time=False):
+        if not isinstance(settings, Settings):
+            raise TypeError(f"settings must be a triattn_mlx.Settings, got {type(settings).__name__}")
         if not callable(scorer):
             raise ValueError("scorer must be callable: (keys, positions, offset) -> scores")
-        self.budget, self.window, self.divide_length, self.sinks = budget, window, divide_length, sinks
-        self.scorer, self.shared = scorer, shared
-        if shared is not None:
-            shared.members.add(self)
-        self.keys = self.values = None
-        # Absolute positions of the first `kept` tokens (the last compaction's survivors);
-        # the tokens appended since follow contiguously up to offset - 1, so their
-        # positions need no bookkeeping on the decode path.
-        self.positions, self.kept = None, 0
-        self.offset = 0  # absolute position of the next token
-        self.length = 0  # tokens held (mlx-lm's size())
-        self.trimmable_tokens = 0  # newest positions guaranteed present in every head
-        self.prune_rounds = 0
+        self.settings, self.scorer, self.group = settings, scorer, group
+        if group is not None:
+            group.add(self)
+        self.keys = self.values = self.positions = None
+        self._idx = self._stored = 0  # slots held; slots whose positions are stored
+        self._first = None  # per row, np.int64 [B]: first slot of its real tokens
+        self._shift = None  # per row: position of a fresh slot s is shift + s
+        self._garbage = None  # per row: right padding after its real tokens
+        self._trim_from = None  # per row: slots from here are trimmable (in every head)
+        self._rounds = None  # per row: prune rounds
+        self._pending = None  # right-padded prompt: real tokens still to come per row
+        self._padded_input = False  # the next tokens may include padding: track them slot by slot
+        self._due_at = settings.budget + settings.divide_length  # _idx at which a row is due
         # Timing a round needs two synchronizations per layer: off unless asked for.
         self.measure_prune_time, self.prune_seconds = measure_prune_time, 0.0
+
+    def _init_rows(self, B, start=0):
+        self._first, self._garbage = np.zeros(B, np.int64), np.zeros(B, np.int64)
+        self._shift = np.full(B, start, np.int64)
+        self._trim_from, self._rounds = np.zeros(B, np.int64), np.zeros(B, np.int64)
 
     # -- the mlx-lm cache surface ---------------------------------------------------------
     def update_and_fetch(self, keys, values):
         self._append(keys, values)
-        k, v = self._held()
-        if self.length >= self.budget + self.divide_length:
+        held = self._held()
+        if self._idx >= self._due_at:
             self._prune()
-        return k, v
+        return held
 
     @classmethod
     def merge(cls, caches):
         """One batch cache from one cache per sequence (mlx-lm's batch generation calls this)."""
-        from .batch import BatchTriAttentionKVCache
+        return cls._batch_form.merge(caches)
 
-        return BatchTriAttentionKVCache.merge(caches)
+    @property
+    def offset(self):
+        return 0 if self._shift is None else int(self._shift[0]) + self._idx
+
+    @property
+    def prune_rounds(self):
+        return 0 if self._rounds is None else int(self._rounds.max())
+
+    @property
+    def trimmable_tokens(self):
+        """Newest tokens guaranteed present in every head: trim(n) works up to this."""
+        return 0 if self._trim_from is None else int((self._idx - self._garbage - self._trim_from).min())
 
     def make_mask(self, N, return_array=False, window_size=None):
         # The new tokens follow every cached one: the mask only needs the physical length.
-        return create_attention_mask(N, offset=self.length, return_array=return_array, window_size=window_size)
+        return create_attention_mask(N, offset=self._idx, return_array=return_array, window_size=window_size)
 
     def is_trimmable(self):
-        return True
+        # As mlx-lm's RotatingKVCache: trimmable until tokens are evicted. After that only
+        # the newest trimmable_tokens can be trimmed (trim says how many it did), and
+        # mlx-lm's prompt cache must not count on trimming it back arbitrarily.
+        return self.prune_rounds == 0
 
     def trim(self, n):
         """Drop the newest n tokens if they are all still cached; else trim nothing, return 0."""
         n = min(self.offset, n)
         if n > self.trimmable_tokens:
             return 0
-        self.length -= n
-        self.offset -= n
-        self.trimmable_tokens -= n
-        self.kept = min(self.kept, self.length)
+        self._idx -= n
+        self._stored = min(self._stored, self._idx)
         return n
 
     def size(self):
-        return self.length
+        return self._idx
 
     def empty(self):
         return self.keys is None
@@ -166,29 +129,28 @@ class TriAttentionKVCache(_BaseCache):
     def nbytes(self):
         if self.keys is None:
             return 0
-        held = sum(x.nbytes for _, x in tree_flatten((self.keys, self.values)))
-        return held + (0 if self.positions is None else self.positions.nbytes)
+        return sum(x.nbytes for _, x in tree_flatten((self.keys, self.values))) + self.positions.nbytes
 
     def token_positions(self):
-        """Absolute position of every cached token: [B, H_kv, size()] int32."""
+        """Absolute position of every held slot: [B, H_kv, size()] int32 (padding: -1)."""
         B, n_kv = first(self.keys).shape[:2]
-        fresh = self.length - self.kept
-        recent = mx.broadcast_to(mx.arange(self.offset - fresh, self.offset, dtype=mx.int32), (B, n_kv, fresh))
-        if self.kept == 0:
-            return recent
-        return mx.concatenate([self.positions[..., : self.kept], recent], axis=2)
+        fresh = mx.array(self._shift.astype(np.int32))[:, None, None] + mx.arange(self._stored, self._idx,
+                                                                                    dtype=mx.int32)
+        fresh = mx.broadcast_to(fresh, (B, n_kv, self._idx - self._stored))
+        if self._stored == 0:
+            return fresh
+        return mx.concatenate([self.positions[..., : self._stored], fresh], axis=2)
 
     # -- storage: plain arrays here; (packed, scales, biases) in QuantizedTriAttentionKVCache --
     def _held(self):
-        return tree_map(lambda x: x[..., : self.length, :], (self.keys, self.values))
+        return tree_map(lambda x: x[..., : self._idx, :], (self.keys, self.values))
 
-    def _stored(self, keys, values):
-        """New keys/values in storage form."""
+    def _storage_form(self, keys, values):
         return keys, values
 
-    def _scoring_keys(self):
-        """The held keys as the scorer takes them."""
-        return self.keys[..., : self.length, :]
+    def _scoring_keys(self, start, end):
+        """The keys of slots [start, end) as the scorer takes them."""
+        return self.keys[..., start:end, :]
 
     def dense_bytes_per_token(self):
         """Bytes one token takes in an unquantized cache (mlx-lm's KVCache) of this model."""
@@ -198,99 +160,187 @@ class TriAttentionKVCache(_BaseCache):
     # -- lifecycle --------------------------------------------------------------------------
     def _append(self, keys, values):
         B, n_kv, N, _ = keys.shape
-        new = self._stored(keys, values)
-        if self.keys is None or self.length + N > first(self.keys).shape[2]:
+        if self._shift is None:
+            self._init_rows(B)
+        new = self._storage_form(keys, values)
+        capacity = 0 if self.keys is None else first(self.keys).shape[2]
+        if self._idx + N > capacity:  # grow: the held slots, then room for N more in whole steps
             grow = (N + self.step - 1) // self.step * self.step
             room = tree_map(lambda x: mx.zeros((B, n_kv, grow, x.shape[3]), x.dtype), new)
+            room_positions = mx.full((B, n_kv, grow), -1, mx.int32)
             if self.keys is None:
-                self.keys, self.values = room
+                (self.keys, self.values), self.positions = room, room_positions
             else:
-                self.keys, self.values = tree_map(lambda o, n: mx.concatenate([o, n], axis=2), self._held(), room)
-        end = self.length + N
+                self.keys, self.values = tree_map(lambda o, r: mx.concatenate([o, r], axis=2), self._held(), room)
+                self.positions = mx.concatenate([self.positions[..., : self._idx], room_positions], axis=2)
+                if self._eval_on_compact:
+                    mx.eval(self.keys, self.values, self.positions)  # free the old buffers now
+        end = self._idx + N
 
-        def write(buf, x):
-            buf[..., self.length : end, :] = x
+        def write(buffer, x):
+            buffer[..., self._idx : end, :] = x
 
         tree_map(write, (self.keys, self.values), new)
-        self.length, self.offset = end, self.offset + N
-        self.trimmable_tokens += N
+        padded = self._padded_input
+        if padded:
+            self._mark_padded(N)
+        self._idx = end
+        if padded:
+            self._update_schedule()
+
+    def _mark_padded(self, N):
+        """Positions of a chunk that may hold padding (batch.py: a left-padded start, or a
+        right-padded prompt), stored slot by slot: padding gets -1 and is never scored."""
+        self._materialize()
+        j = np.arange(N)
+        pos = (self._shift + self._idx)[:, None] + j[None]
+        real = pos >= 0  # left padding of an empty row comes first, at negative positions
+        if self._pending is not None:
+            real &= j[None] < self._pending[:, None]
+            self._pending = self._pending - real.sum(1)
+        left = (pos < 0).sum(1)
+        self._first += left
+        self._trim_from = np.maximum(self._trim_from, self._first)
+        self._garbage += N - real.sum(1) - left  # right padding: after the row's real tokens
+        marked = mx.array(np.where(real, pos, -1).astype(np.int32))
+        B, n_kv = self.positions.shape[:2]
+        self.positions[..., self._idx : self._idx + N] = mx.broadcast_to(marked[:, None], (B, n_kv, N))
+        self._stored = self._idx + N
+
+    def _materialize(self):
+        """Store the positions of the fresh slots."""
+        if self._stored < self._idx:
+            self.positions[..., self._stored : self._idx] = self.token_positions()[..., self._stored :]
+            self._stored = self._idx
+
+    def _update_schedule(self):
+        """After rows changed: when the next row is due, and whether input may hold padding."""
+        s = self.settings
+        self._due_at = int((self._first + self._garbage).min(initial=0)) + s.budget + s.divide_length
+        self._padded_input = self._pending is not None or bool((self._shift + self._idx < 0).any())
+
+    def _due_views(self):
+        """Rows due for pruning, grouped by where their real tokens lie: {(start, end,
+        offset): (rows, keys, positions)}, keys/positions [len(rows), H_kv, end - start, ...].
+        Rows in step (a single sequence, a batch in step) are scored in one call."""
+        s = self.settings
+        ends = self._idx - self._garbage
+        groups = {}
+        for b in np.flatnonzero(ends - self._first >= s.budget + s.divide_length):
+            start, end = int(self._first[b]), int(ends[b])
+            groups.setdefault((start, end, int(self._shift[b]) + end), []).append(int(b))
+        positions = self.token_positions()
+        views = {}
+        for (start, end, offset), rows in groups.items():
+            keys, held = self._scoring_keys(start, end), positions[..., start:end]
+            if len(rows) < len(self._first):
+                index = mx.array(rows)
+                keys = tree_map(lambda x: mx.take(x, index, axis=0), keys)
+                held = mx.take(held, index, axis=0)
+            views[(start, end, offset)] = (rows, keys, held)
+        return views
 
     def _prune(self):
-        keys, positions = self._scoring_keys(), self.token_positions()
+        views = self._due_views()
         if self.measure_prune_time:
-            mx.eval(self._held(), positions)  # what the forward pass owes is not scoring time
+            mx.eval([v[1:] for v in views.values()])  # what the forward pass owes is not scoring time
         start = time.perf_counter()
-        scores = self.scorer(keys, positions, self.offset)
-        if self.shared is not None:
+        n_kv = first(self.keys).shape[1]
+        scores = {key: head_scores(self.scorer(keys, positions, key[2]), n_kv)
+                  for key, (_, keys, positions) in views.items()}
+        if self._eval_on_compact:
+            mx.eval(list(scores.values()))  # frees the scored copies before the next layer makes its own
+        if self.group is not None:
             if self.measure_prune_time:
-                mx.eval(scores)
+                mx.eval(list(scores.values()))
                 self.prune_seconds += time.perf_counter() - start
-            self.shared.submit(self, scores)
+            self.group.submit(self, scores, views)
             return
-        self.compact(select_tokens(scores, positions, self.offset, self.budget, self.window, self.sinks))
+        self._compact(self._select(views, scores))
         if self.measure_prune_time:
             mx.eval(self.keys, self.values, self.positions)
             self.prune_seconds += time.perf_counter() - start
 
-    def compact(self, keep):
-        """Keep only the tokens `keep` ([B, H_kv, K] indices into the buffer, ascending)."""
-        K = keep.shape[-1]
-        positions = gather_tokens(self.token_positions(), keep)
-        # One gather per buffer also makes room to decode until the next round: the
-        # divide_length slots after the kept tokens take copies of token 0 (never read).
-        room = mx.concatenate([keep, mx.zeros((*keep.shape[:2], self.divide_length), keep.dtype)], axis=-1)
-        self.keys, self.values = tree_map(lambda buf: gather_tokens(buf, room), self._held())
-        self.positions, self.kept = positions, K
-        self.length = K
-        self.trimmable_tokens = min(self.trimmable_tokens, self.window)
-        self.prune_rounds += 1
+    def _select(self, views, scores):
+        """[(rows, start, keep)]: keep [len(rows), H_kv, budget] indices into the rows' slots
+        from `start`."""
+        s = self.settings
+        return [(rows, key[0], select_tokens(scores[key], positions, key[2], s.budget, s.window, s.sinks))
+                for key, (rows, _, positions) in views.items()]
+
+    def _compact(self, selected, drop_garbage=False):
+        """The selected rows keep their chosen tokens (and, while a right-padded prompt is
+        read, the padding after them unless `drop_garbage`); the other rows keep their
+        tokens (and that padding, likewise). Rows are re-aligned
+        to end at the same slot, in one gather per buffer, with divide_length free slots
+        after them (copies of slot 0, never read) to decode into until the next round."""
+        B, n_kv = first(self.keys).shape[:2]
+        room = self.settings.divide_length
+        if len(selected) == 1 and len(selected[0][0]) == B and not self._garbage.any():
+            _, start, keep = selected[0]  # every row pruned at once: the usual case
+            L, index, lengths = keep.shape[-1], keep + start, np.full(B, keep.shape[-1])
+            pad, kept_garbage = None, self._garbage
+        else:
+            kept_garbage = np.zeros_like(self._garbage) if drop_garbage else self._garbage
+            spans = {b: mx.arange(int(self._first[b]), self._idx - int(self._garbage[b] - kept_garbage[b]),
+                                  dtype=mx.int32) for b in range(B)}
+            for rows, start, keep in selected:
+                for i, b in enumerate(rows):
+                    tail = mx.arange(self._idx - int(kept_garbage[b]), self._idx, dtype=mx.int32)
+                    spans[b] = mx.concatenate([keep[i] + start, mx.broadcast_to(tail, (n_kv, tail.size))], axis=-1)
+            lengths = np.array([spans[b].shape[-1] for b in range(B)])
+            L = int(lengths.max())
+            index = mx.stack([mx.concatenate([mx.zeros((n_kv, L - n), mx.int32),
+                                              mx.broadcast_to(spans[b], (n_kv, n))], axis=-1)
+                              for b, n in enumerate(lengths)])
+            pad = mx.array(np.arange(L)[None] < (L - lengths)[:, None])[:, None]  # [B, 1, L]
+        gathered = mx.concatenate([index, mx.zeros((B, n_kv, room), index.dtype)], axis=-1)
+        self.keys, self.values = tree_map(lambda x: gather_tokens(x, gathered), self._held())
+        positions = gather_tokens(self.token_positions(), gathered)
+        if pad is not None:
+            positions[..., :L] = mx.where(pad, -1, positions[..., :L])
+        self.positions = positions
+        pruned = [b for rows, _, _ in selected for b in rows]
+        trimmable = self._idx - self._garbage - self._trim_from
+        trimmable[pruned] = np.minimum(trimmable[pruned], self.settings.window)
+        self._shift = self._shift + self._idx - L  # each row's next position stays where it was
+        self._rounds[pruned] += 1
+        self._first = L - lengths
+        self._trim_from = L - kept_garbage - trimmable
+        self._idx = self._stored = L
+        self._update_schedule()
+        if self._eval_on_compact:
+            # A lazy prune step would hold every layer's old and new buffers at once (twice the KV).
+            mx.eval(self.keys, self.values, self.positions)
 
     # -- save / load (mlx_lm.save_prompt_cache / load_prompt_cache) -------------------------
     @property
     def state(self):
-        if not hasattr(self.scorer, "state"):
-            raise ValueError(f"a cache scored by {self.scorer!r} cannot be saved")
         held = None if self.keys is None else (*self._held(), self.token_positions())
-        return {
-            "tokens": held,
-            "offset": self.offset,
-            "config": [self.budget, self.window, self.divide_length, self.sinks,
-                       self.trimmable_tokens, self.prune_rounds],
-            "shared": [self.shared.id, len(self.shared.members)] if self.shared else None,
-            "scorer": self.scorer.state,
-        }
+        group = None if self.group is None else f"{self.group.id}:{len(self.group.members)}"
+        return {"tokens": held, "settings": self.settings.to_list(),
+                "rows": [self.offset, self.trimmable_tokens, self.prune_rounds],
+                "group": group, "scorer": saved_scorer(self.scorer)}
 
     @state.setter
     def state(self, v):
-        self.budget, self.window, self.divide_length, self.sinks, self.trimmable_tokens, self.prune_rounds = (
-            int(x) for x in v["config"])
-        self.offset = int(v["offset"])
-        self.keys = self.values = self.positions = None
-        self.length = self.kept = 0
+        offset, trimmable, rounds = (int(x) for x in v["rows"])
+        settings = Settings.from_list(v["settings"])
+        group = None
+        if v["group"] is not None:
+            # load_prompt_cache rebuilds the layers one by one: they rejoin one group
+            group_id, size = v["group"].split(":")
+            group = forming_group(("load", group_id), int(size))
+        TriAttentionKVCache.__init__(self, settings=settings, scorer=restore_scorer(v["scorer"]), group=group)
         if v["tokens"] is not None:
             # load_prompt_cache gives nested lists where tuples were saved
             self.keys, self.values, self.positions = (tuple(x) if isinstance(x, list) else x for x in v["tokens"])
-            self.length = self.kept = first(self.keys).shape[2]
-        self.scorer = TriAttentionScorer.from_state(v["scorer"])
-        self.measure_prune_time, self.prune_seconds = False, 0.0
-        self.shared = None
-        if v["shared"] is not None:
-            # load_prompt_cache rebuilds the layers one by one: they rejoin one group,
-            # which leaves the registry once complete (loading the file twice gives two).
-            group_id, group_size = str(v["shared"][0]), int(v["shared"][1])
-            group = _LOADING_GROUPS.setdefault(group_id, SharedSelection(group_id))
-            group.members.add(self)
-            if len(group.members) == group_size:
-                del _LOADING_GROUPS[group_id]
-            self.shared = group
-
-    @property
-    def meta_state(self):
-        return tuple(str(x) for x in (self.budget, self.window, self.divide_length, self.sinks))
-
-    @meta_state.setter
-    def meta_state(self, v):
-        self.budget, self.window, self.divide_length, self.sinks = (int(x) for x in v)
+            n = first(self.keys).shape[2]
+            self._init_rows(first(self.keys).shape[0], start=offset - n)
+            self._idx = self._stored = n
+            self._trim_from[:] = n - trimmable
+            self._rounds[:] = rounds
+            self._update_schedule()
 
 
 class QuantizedTriAttentionKVCache(TriAttentionKVCache):
@@ -300,20 +350,18 @@ class QuantizedTriAttentionKVCache(TriAttentionKVCache):
     dequantizes them in registers; on CPU MLX ops dequantize first); other scorers get
     dequantized keys. Selection compacts the packed storage in place."""
 
-    def __init__(self, budget, scorer, window=128, divide_length=128, sinks=0, shared=None,
-                 measure_prune_time=False, bits=4, group_size=64):
-        check_quantization(bits, group_size)
-        super().__init__(budget, scorer, window, divide_length, sinks, shared, measure_prune_time)
-        self.bits, self.group_size = bits, group_size
+    def __init__(self, *, settings, scorer, group=None, measure_prune_time=False):
+        super().__init__(settings=settings, scorer=scorer, group=group, measure_prune_time=measure_prune_time)
+        self.bits, self.group_size = settings.kv_bits, settings.kv_group_size
 
-    def _stored(self, keys, values):
+    def _storage_form(self, keys, values):
         if keys.shape[-1] % self.group_size or values.shape[-1] % self.group_size:
             raise ValueError(f"head_dim {keys.shape[-1]} is not a multiple of the kv group size {self.group_size}")
         return (tuple(mx.quantize(keys, group_size=self.group_size, bits=self.bits)),
                 tuple(mx.quantize(values, group_size=self.group_size, bits=self.bits)))
 
-    def _scoring_keys(self):
-        keys = QuantizedKeys(*self._held()[0], self.bits, self.group_size)
+    def _scoring_keys(self, start, end):
+        keys = QuantizedKeys(*(x[..., start:end, :] for x in self.keys), self.bits, self.group_size)
         return keys if getattr(self.scorer, "reads_quantized", False) else keys.dequantize()
 
     def dense_bytes_per_token(self):
@@ -321,107 +369,7 @@ class QuantizedTriAttentionKVCache(TriAttentionKVCache):
         dims = [x[0].shape[3] * 32 // self.bits for x in (self.keys, self.values)]
         return B * n_kv * sum(dims) * self.keys[1].dtype.size
 
-    @property
-    def state(self):
-        return {**super().state, "quantization": [self.bits, self.group_size]}
-
-    @state.setter
+    @TriAttentionKVCache.state.setter
     def state(self, v):
         TriAttentionKVCache.state.fset(self, v)
-        self.bits, self.group_size = (int(x) for x in v["quantization"])
-
-
-def cache_report(caches):
-    """Measured state of a prompt cache: tokens kept vs seen, bytes held vs what a full
-    cache of the same tokens would hold, prune rounds and their time."""
-    ours = [c for c in caches if isinstance(c, TriAttentionKVCache)]
-    held = sum(c.nbytes for c in caches if not c.empty())
-    full = held - sum(c.nbytes for c in ours if not c.empty())
-    for c in ours:
-        if not c.empty():  # what mlx-lm's KVCache allocates for every token seen (256-token steps)
-            allocated = -(-c.offset // KVCache.step) * KVCache.step
-            full += allocated * c.dense_bytes_per_token()
-    return {
-        "tokens_seen": max((c.offset for c in caches), default=0),
-        "tokens_kept": max((c.size() for c in ours), default=None),
-        "budget": ours[0].budget if ours else None,
-        "divide_length": ours[0].divide_length if ours else None,
-        "kv_bytes": held,
-        "full_kv_bytes": full,
-        "prune_rounds": max((c.prune_rounds for c in ours), default=0),
-        "prune_seconds": sum(c.prune_seconds for c in ours),
-    }
-
-
-# mlx-lm's load_prompt_cache finds cache classes by name in its own module.
-mlx_cache.TriAttentionKVCache = TriAttentionKVCache
-mlx_cache.QuantizedTriAttentionKVCache = QuantizedTriAttentionKVCache
-
-
-def make_prompt_cache(model, budget, stats=None, window=128, divide_length=128, sinks=0,
-                      pruning_mode="per_head", aggregation="mean", terms="both",
-                      scorer_factory=None, measure_prune_time=False, kv_bits=None, kv_group_size=64):
-    """One cache per layer: TriAttention caches for full-attention layers, the model's own
-    caches (sliding-window, recurrent) elsewhere.
-
-    stats: a Stats object, a path to a stats file (validated against the model), or
-        "self": estimate the query centers from the model's own queries as it runs (the
-        prompt's during prefill, refined while decoding). This wraps the model's rope
-        modules with recorders until triattn_mlx.remove_query_recorders(model).
-    scorer_factory(layer_index, attention_info) -> scorer replaces TriAttention scoring
-    (baselines and ablations); stats are then not needed.
-    measure_prune_time: time each prune round (prune_seconds); costs two synchronizations
-    per layer and round.
-    kv_bits (4 or 8; None: unquantized), kv_group_size: store the kept keys/values
-    quantized, as mlx-lm's QuantizedKVCache does (from the first token).
-    """
-    check_sizes(budget, window, divide_length, sinks)
-    if kv_bits is not None:
-        check_quantization(kv_bits, kv_group_size)
-    if pruning_mode not in PRUNING_MODES:
-        raise ValueError(f"pruning_mode must be one of {PRUNING_MODES}, got {pruning_mode!r}")
-    layers = model_layers(model)
-    base = model.make_cache() if hasattr(model, "make_cache") else [KVCache() for _ in layers]
-    infos = {i: attention_info(attention_module(layer)) for i, layer in enumerate(layers)
-             if attention_module(layer) is not None}  # read before any rope is wrapped
-    # Only plain KV caches are replaced: sliding-window and recurrent caches are bounded already.
-    compressed = [i for i, cache in enumerate(base) if type(cache) is KVCache and i in infos]
-    if not compressed:
-        raise ValueError(
-            f"{type(model).__name__} has no full-attention layer with a plain KV cache: "
-            "TriAttention has nothing to compress in this model"
-        )
-    recorders = None
-    if scorer_factory is None:
-        if stats is None:
-            raise ValueError(
-                "TriAttention needs calibration stats for this model: pass stats=<file or Stats>, "
-                "or stats='self' to estimate them from the prompt "
-                "(reusable stats: python -m triattn_mlx.calibrate)"
-            )
-        if isinstance(stats, str) and stats == "self":
-            recorders = install_query_recorders(model)
-        else:
-            if not isinstance(stats, Stats):
-                stats = load_stats(stats)
-            validate_stats(stats, model)
-
-    shared = SharedSelection() if pruning_mode == "per_head" else None
-    caches = list(base)
-    for i in compressed:
-        info = infos[i]
-        if scorer_factory is not None:
-            scorer = scorer_factory(i, info)
-        elif recorders is not None:
-            scorer = SelfCalibratedScorer(recorders[i], info.rope, info.n_kv_heads,
-                                          aggregation=aggregation, terms=terms)
-        else:
-            scorer = TriAttentionScorer(stats.q_mean[i], stats.q_abs_mean[i], info.rope,
-                                        info.n_kv_heads, aggregation=aggregation, terms=terms)
-        if kv_bits is None:
-            caches[i] = TriAttentionKVCache(budget, scorer, window, divide_length, sinks, shared,
-                                            measure_prune_time)
-        else:
-            caches[i] = QuantizedTriAttentionKVCache(budget, scorer, window, divide_length, sinks, shared,
-                                                     measure_prune_time, kv_bits, kv_group_size)
-    return caches
+        self.bits, self.group_size = self.settings.kv_bits, self.settings.kv_group_size

@@ -24,9 +24,11 @@ def _looks_local(spec):
     return spec.startswith((".", "/", "~")) or spec.endswith((".gguf", ".safetensors")) or Path(spec).exists()
 
 
-def load(path_or_repo, **kwargs):
-    """mlx_lm.load, plus llama-architecture .gguf files (converted once into a cache)."""
-    spec = str(path_or_repo)
+def model_location(spec):
+    """What mlx-lm can open for what a user typed: a folder or a repo id as they are, a
+    .gguf file as its converted folder (made once, cached). A local-looking path that does
+    not exist is a clear error."""
+    spec = str(spec)
     path = Path(spec).expanduser()
     if _looks_local(spec) and not path.exists():
         raise FileNotFoundError(f"model not found: {spec} (expected an mlx-lm model folder, "
@@ -37,8 +39,13 @@ def load(path_or_repo, **kwargs):
         folder = cache_dir() / f"gguf-{path.stem}-{key}"
         if not (folder / "model.safetensors").is_file():
             convert_gguf(path, folder)
-        path = folder
-    return mlx_lm.load(str(path) if path.exists() else spec, **kwargs)
+        return str(folder)
+    return str(path) if path.exists() else spec
+
+
+def load(path_or_repo, **kwargs):
+    """mlx_lm.load, plus .gguf files (converted once into a cache)."""
+    return mlx_lm.load(model_location(path_or_repo), **kwargs)
 
 
 def shipped_stats(model, folders=None):

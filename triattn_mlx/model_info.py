@@ -30,7 +30,16 @@ def attention_module(layer):
     return None
 
 
+def own_rope(attn):
+    """The attention's rope module, under any tap (taps.py) standing in for it."""
+    rope = attn.rope
+    while hasattr(rope, "on_queries"):
+        rope = rope.rope
+    return rope
+
+
 def attention_info(attn):
+    """Head counts and RoPE geometry of an attention."""
     n_heads = _first_attr(attn, ("n_heads", "num_heads", "num_attention_heads"))
     n_kv_heads = _first_attr(attn, ("n_kv_heads", "num_key_value_heads", "num_kv_heads"))
     head_dim = _first_attr(attn, ("head_dim",))
@@ -38,7 +47,7 @@ def attention_info(attn):
         head_dim = attn.q_proj.weight.shape[0] // n_heads
     if not (n_heads and n_kv_heads and head_dim):
         raise ValueError(f"cannot read head counts from {type(attn).__name__}")
-    return AttentionInfo(n_heads, n_kv_heads, head_dim, probe_rope(attn.rope, head_dim))
+    return AttentionInfo(n_heads, n_kv_heads, head_dim, probe_rope(own_rope(attn), head_dim))
 
 
 def model_layers(model):

@@ -81,18 +81,6 @@ def triattention_scores(keys, w, c, pairs):
     return trig_scores(keys, w) + norm_scores(keys, c, pairs)
 
 
-def zscore(scores, axis=-1, eps=1e-6):
-    mean = scores.mean(axis=axis, keepdims=True)
-    std = mx.sqrt(((scores - mean) ** 2).mean(axis=axis, keepdims=True))
-    return (scores - mean) / (std + eps)
-
-
-def gqa_max(scores, n_kv_heads):
-    # scores: [B, H, N] -> [B, H_kv, N]: a key matters if any query head of its group needs it
-    B, H, N = scores.shape
-    return scores.reshape(B, n_kv_heads, H // n_kv_heads, N).max(axis=2)
-
-
 class QuantizedKeys(NamedTuple):
     """Keys as a quantized cache holds them (mx.quantize layout)."""
     codes: mx.array  # [B, H_kv, N, D * bits / 32] uint32
@@ -106,7 +94,8 @@ class QuantizedKeys(NamedTuple):
 
 
 class TriAttentionScorer:
-    """Scores one layer's cached keys from that layer's calibrated query centers."""
+    """Scores one layer's cached keys from that layer's calibrated query centers: raw
+    scores per query head, [B, H, N] (selection.py normalizes and reduces them)."""
 
     reads_quantized = True  # takes QuantizedKeys: the fused kernel reads them without dequantizing
 
@@ -138,25 +127,22 @@ class TriAttentionScorer:
         return mx.array(complex_to_coordinates(w, self.geometry.pairs, self.geometry.head_dim))
 
     def __call__(self, keys, positions, offset):
-        # keys: [B, H_kv, N, D], positions: [B, H_kv, N] -> [B, H_kv, N]
+        # keys: [B, H_kv, N, D] (or QuantizedKeys), positions: [B, H_kv, N] -> [B, H, N]
         t = offset - 1  # position of the newest key; future queries arrive at t + o
         if isinstance(keys, QuantizedKeys):
             q = keys[:3]
             if (self.terms == "both" and self.aggregation == "mean" and kernels.backend() != "mlx"
                     and kernels.can_fuse_quantized(q, keys.bits, keys.group_size, self.style)):
                 packed = kernels.fused_weights(self.weights(t), self.c, self.pairs)
-                raw = kernels.fused_scores_quantized(q, keys.bits, keys.group_size, packed, self.style)
-                return gqa_max(zscore(raw), self.n_kv_heads)
+                return kernels.fused_scores_quantized(q, keys.bits, keys.group_size, packed, self.style)
             keys = keys.dequantize()
         if self.terms == "norm":
-            raw = norm_scores(keys, self.c, self.pairs)
-        elif self.terms == "trig":
-            raw = trig_scores(keys, self.weights(t))
-        elif self.aggregation == "mean" and kernels.backend() != "mlx" and kernels.can_fuse(keys, self.style):
-            raw = kernels.fused_scores(keys, kernels.fused_weights(self.weights(t), self.c, self.pairs), self.style)
-        else:
-            raw = triattention_scores(keys, self.weights(t), self.c, self.pairs)
-        return gqa_max(zscore(raw), self.n_kv_heads)
+            return norm_scores(keys, self.c, self.pairs)
+        if self.terms == "trig":
+            return trig_scores(keys, self.weights(t))
+        if self.aggregation == "mean" and kernels.backend() != "mlx" and kernels.can_fuse(keys, self.style):
+            return kernels.fused_scores(keys, kernels.fused_weights(self.weights(t), self.c, self.pairs), self.style)
+        return triattention_scores(keys, self.weights(t), self.c, self.pairs)
 
     # Saved with the cache, bit-exact (float64 travels as uint32 pairs), so that a loaded
     # cache prunes exactly as the original would have.
@@ -172,6 +158,9 @@ class TriAttentionScorer:
             "offsets": mx.array(self.offsets.astype(np.int64)),
             "options": [g.style, self.n_kv_heads, self.aggregation, self.terms],
         }
+
+    def __deepcopy__(self, memo):
+        return self  # its arrays never change: copies of a cache share it
 
     @classmethod
     def from_state(cls, state):
@@ -214,3 +203,6 @@ class SelfCalibratedScorer(TriAttentionScorer):
         if self.recorder.tokens:
             self.set_centers(*self.recorder.centers())
         return super().state
+
+    def __deepcopy__(self, memo):
+        return self  # reads the model's recorder: copies of a cache share it

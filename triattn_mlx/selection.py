@@ -1,4 +1,14 @@
-"""Which cached tokens each KV head keeps."""
+"""Which cached tokens each KV head keeps: the one place every method's scores go through.
+
+The scorer contract (scoring.py, baselines.py): a scorer maps the held keys
+[B, H_kv, N, D], their absolute positions [B, H_kv, N] and the cache offset (position of
+the next token) to RAW scores [B, H, N], H being the query heads (or the KV heads, for a
+scorer whose signal is per KV head); higher means keep. Everything after that is here:
+  1. head_scores: z-normalize each head's scores, then reduce the query heads sharing a
+     KV head (GQA) by max: a key matters if any query head of its group needs it;
+  2. (per_head pruning: the layers' head scores are averaged, groups.py);
+  3. select_tokens: the recent window and the sinks are always kept, the rest by score.
+"""
 
 import mlx.core as mx
 
@@ -6,6 +16,28 @@ import mlx.core as mx
 def protected_tokens(positions, offset, window, sinks):
     # positions: [B, H_kv, N] absolute -> bool [B, H_kv, N]: the recent window and the sinks
     return (positions >= offset - window) | (positions < sinks)
+
+
+def zscore(scores, axis=-1, eps=1e-6):
+    # scores: [..., N] -> (scores - mean) / std along `axis`
+    mean = scores.mean(axis=axis, keepdims=True)
+    std = mx.sqrt(((scores - mean) ** 2).mean(axis=axis, keepdims=True))
+    return (scores - mean) / (std + eps)
+
+
+def gqa_max(scores, n_kv_heads):
+    # scores: [B, H, N] -> [B, H_kv, N]
+    B, H, N = scores.shape
+    return scores.reshape(B, n_kv_heads, H // n_kv_heads, N).max(axis=2)
+
+
+def head_scores(raw, n_kv_heads):
+    """Raw scores [B, H, N] (H query heads or KV heads) -> comparable per-KV-head scores
+    [B, H_kv, N]: z-normalized per head, then max over each GQA group."""
+    if raw.shape[1] % n_kv_heads:
+        raise ValueError(f"a scorer returned {raw.shape[1]} heads for {n_kv_heads} KV heads")
+    scores = zscore(raw.astype(mx.float32))
+    return scores if raw.shape[1] == n_kv_heads else gqa_max(scores, n_kv_heads)
 
 
 def select_tokens(scores, positions, offset, budget, window, sinks):

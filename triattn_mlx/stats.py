@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .model_info import attention_info, attention_module, model_args, model_layers
+from .model_info import attention_info, attention_module, model_args, model_layers  # noqa: F401
 
 FORMAT_VERSION = 1
 METADATA_KEY = "triattn_stats"
@@ -144,88 +144,20 @@ def load_stats(path, model=None):
     return stats
 
 
-class RopeTap:
-    """Stands in for an attention's rope: applies it, and shows each call's queries to
-    `on_queries(pre_rope, rotated)`. mlx-lm attentions rope queries first, then keys, in
-    every call: even calls are queries."""
-
-    def __init__(self, rope):
-        self.rope, self.calls = rope, 0
-
-    def __call__(self, x, *args, **kwargs):
-        out = self.rope(x, *args, **kwargs)
-        if self.calls % 2 == 0:
-            self.on_queries(x, out)
-        self.calls += 1
-        return out
-
-    def on_queries(self, pre_rope, rotated):
-        raise NotImplementedError
-
-
-class QueryRecorder(RopeTap):
-    """Accumulates pre-RoPE query statistics on an attention's rope. Used by `calibrate`
-    and, live, by self-calibrating caches."""
-
-    def __init__(self, rope, info):
-        super().__init__(rope)
-        self.info = info
-        self.pairs = mx.array(info.rope.pairs)
-        half = info.head_dim // 2
-        self.sum_re = mx.zeros((info.n_heads, half))
-        self.sum_im = mx.zeros((info.n_heads, half))
-        self.sum_abs = mx.zeros((info.n_heads, half))
-        self.tokens = 0
-
-    def on_queries(self, x, rotated):
-        if x.shape[1] != self.info.n_heads:
-            raise ValueError(f"expected queries with {self.info.n_heads} heads, got {x.shape}")
-        q = x.astype(mx.float32)
-        re, im = q[..., self.pairs[:, 0]], q[..., self.pairs[:, 1]]  # [B, H, L, D/2]
-        self.sum_re = self.sum_re + re.sum(axis=(0, 2))
-        self.sum_im = self.sum_im + im.sum(axis=(0, 2))
-        self.sum_abs = self.sum_abs + mx.sqrt(re * re + im * im).sum(axis=(0, 2))
-        self.tokens += x.shape[0] * x.shape[2]
-
-    def centers(self):
-        """(q_mean [H, D/2] complex, q_abs_mean [H, D/2]) of the queries seen so far."""
-        if self.tokens == 0:
-            raise ValueError("no queries recorded yet")
-        q_mean = (np.array(self.sum_re, dtype=np.float64) + 1j * np.array(self.sum_im, dtype=np.float64))
-        return q_mean / self.tokens, np.array(self.sum_abs, dtype=np.float64) / self.tokens
-
-
-def install_query_recorders(model):
-    """Wrap every attention's rope in a fresh QueryRecorder: {layer index: recorder}."""
-    remove_query_recorders(model)
-    recorders = {}
-    for i, layer in enumerate(model_layers(model)):
-        attn = attention_module(layer)
-        if attn is not None:
-            recorders[i] = QueryRecorder(attn.rope, attention_info(attn))
-            attn["rope"] = recorders[i]  # a Module is a dict: swap the entry, not an attribute
-    return recorders
-
-
-def remove_query_recorders(model, kind=QueryRecorder):
-    """Put back the ropes that taps of `kind` wrapped (install_query_recorders' by default;
-    RopeTap: every tap)."""
-    for layer in model_layers(model):
-        attn = attention_module(layer)
-        if attn is not None and isinstance(attn.rope, kind):
-            attn["rope"] = attn.rope.rope
-
-
 def calibrate(model, token_ids, chunk_size=512, source="", progress=None):
     """Query centers of `model` on `token_ids` (list or 1-D array of ints)."""
-    from mlx_lm.models.cache import make_prompt_cache as make_full_cache
+    from mlx_lm.models.cache import KVCache
+
+    from .taps import install_query_recorders, remove_query_recorders
 
     tokens = mx.array(np.asarray(token_ids, dtype=np.int32).reshape(-1))
     if tokens.size < 2:
         raise ValueError("calibration needs at least 2 tokens")
     recorders = install_query_recorders(model)
     try:
-        cache = make_full_cache(model)
+        cache = [KVCache() for _ in model_layers(model)]
+        if getattr(type(model), "make_cache", None) is not None:
+            cache = type(model).make_cache(model)  # the model's own (not a compressed one)
         for start in range(0, tokens.size, chunk_size):
             model(tokens[None, start : start + chunk_size], cache=cache)
             mx.eval([(r.sum_re, r.sum_im, r.sum_abs) for r in recorders.values()])

@@ -1,0 +1,1 @@
+"""Test and benchmark support (not installed): offline models, task data, evaluation."""

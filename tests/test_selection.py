@@ -1,0 +1,69 @@
+"""Selection, the one place every method's scores go through: normalization, GQA
+reduction, protected tokens and top-k, against plain numpy."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from triattn_mlx.selection import gqa_max, head_scores, protected_tokens, select_tokens, zscore
+
+
+def numpy_select(scores, positions, offset, budget, window, sinks):
+    """Per KV head: the protected tokens, then the best-scoring others (ties: lowest index)."""
+    out = []
+    for s, p in zip(scores, positions):
+        protected = (p >= offset - window) | (p < sinks)
+        order = [i for i in np.lexsort((np.arange(len(s)), -s)) if not protected[i]]
+        keep = list(np.flatnonzero(protected)) + order[: budget - protected.sum()]
+        out.append(sorted(keep))
+    return np.array(out)
+
+
+def test_zscore_and_gqa_max_match_numpy():
+    x = np.random.default_rng(0).normal(size=(2, 6, 10)).astype(np.float32)
+    z = (x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(np.array(zscore(mx.array(x))), z, atol=1e-5)
+    np.testing.assert_allclose(np.array(gqa_max(mx.array(z), 2)), z.reshape(2, 2, 3, 10).max(2), atol=1e-6)
+
+
+def test_head_scores_normalize_each_query_head_before_the_group_max():
+    # Head 1 of the group has tiny raw scores: without per-head normalization head 0 would
+    # decide alone; normalized, head 1's favourite (token 3) survives the max.
+    raw = np.array([[[10.0, 11.0, 12.0, 13.0, 40.0], [0.001, 0.002, 0.003, 0.05, 0.004]]], np.float32)
+    got = np.array(head_scores(mx.array(raw), 1))[0, 0]
+    z = (raw - raw.mean(-1, keepdims=True)) / (raw.std(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(got, z[0].max(0), atol=1e-5)
+    assert got[3] > got[2]
+    # per-KV-head scores (the baselines' StreamingLLM, key norm) are only normalized
+    np.testing.assert_allclose(np.array(head_scores(mx.array(raw), 2))[0], z[0], atol=1e-5)
+    with pytest.raises(ValueError, match="returned 2 heads for 3 KV heads"):
+        head_scores(mx.array(raw), 3)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_select_tokens_matches_numpy(seed):
+    rng = np.random.default_rng(seed)
+    H, N, offset, budget, window, sinks = 3, 60, 200, 24, 8, 2
+    positions = np.stack([np.sort(rng.choice(offset, N, replace=False)) for _ in range(H)])
+    positions[:, :2] = [0, 1]  # the sinks are held
+    positions[:, -window:] = np.arange(offset - window, offset)
+    positions.sort(axis=-1)
+    scores = rng.normal(size=(H, N)).astype(np.float32)
+    got = np.array(select_tokens(mx.array(scores[None]), mx.array(positions[None]), offset, budget, window, sinks))
+    np.testing.assert_array_equal(got[0], numpy_select(scores, positions, offset, budget, window, sinks))
+
+
+def test_protected_tokens_are_kept_whatever_their_score():
+    positions = mx.array(np.arange(20)[None, None])
+    scores = mx.array(np.r_[-100.0, -100.0, np.arange(12.0), -100.0 * np.ones(6)][None, None])
+    keep = np.array(select_tokens(scores, positions, 20, 10, 6, 2))[0, 0]
+    # sinks 0, 1 and the window 14..19 (all scored -100), then the two best of the rest
+    assert keep.tolist() == [0, 1, 12, 13, 14, 15, 16, 17, 18, 19]
+    assert np.array(protected_tokens(positions, 20, 6, 2))[0, 0].sum() == 8
+
+
+def test_ties_keep_exactly_the_budget_in_temporal_order():
+    positions = mx.array(np.arange(50)[None, None])
+    keep = np.array(select_tokens(mx.zeros((1, 1, 50)), positions, 50, 20, 4, 0))[0, 0]
+    assert len(set(keep.tolist())) == 20 and (np.diff(keep) > 0).all()
+    assert set(range(46, 50)) <= set(keep.tolist())

@@ -1,0 +1,110 @@
+"""Compression settings: one frozen object, validated where it is made, passed everywhere.
+
+The CLI flags that set it are defined here too, so generate, server and the benchmarks
+spell each setting once.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+PRUNING_MODES = ("per_head", "per_layer_per_head")
+# "triattention": the calibrated trigonometric score (TRIATTENTION.md). The others are the
+# baselines, scored in the same cache and selected by the same code (baselines.py).
+METHODS = ("triattention", "streamingllm", "snapkv", "h2o", "rkv", "key_norm", "random")
+KV_BITS = (2, 3, 4, 5, 6, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+
+
+def _check_int(name, value, low):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    budget: int = 2048  # tokens each KV head keeps after a prune round
+    window: int = 128  # most recent tokens, always kept (counted in the budget)
+    divide_length: int = 128  # prune when budget + divide_length tokens are held
+    sinks: int = 0  # first positions, always kept (counted in the budget)
+    pruning_mode: str = "per_head"  # one token set per KV head for all layers, or per layer
+    method: str = "triattention"
+    kv_bits: int | None = None  # store kept tokens quantized (mlx-lm's QuantizedKVCache layout)
+    kv_group_size: int = 64
+
+    def __post_init__(self):
+        for name, low in (("budget", 1), ("window", 0), ("divide_length", 1), ("sinks", 0)):
+            _check_int(name, getattr(self, name), low)
+        if self.budget <= self.window + self.sinks:
+            raise ValueError(
+                f"budget ({self.budget}) must be larger than window ({self.window}) + sinks "
+                f"({self.sinks}): those tokens are always kept and count in the budget"
+            )
+        if self.pruning_mode not in PRUNING_MODES:
+            raise ValueError(f"pruning_mode must be one of {PRUNING_MODES}, got {self.pruning_mode!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
+            raise ValueError(f"kv bits must be one of {', '.join(map(str, KV_BITS))}, got {self.kv_bits!r}")
+        if self.kv_group_size not in KV_GROUP_SIZES:
+            raise ValueError(f"kv group size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, "
+                             f"got {self.kv_group_size!r}")
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_list(self):
+        """The settings as strings, for a cache's meta_state (mlx-lm saves str lists)."""
+        return [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)]
+
+    @classmethod
+    def from_list(cls, items):
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        values = dict(item.split("=", 1) for item in items)
+        return cls(**{k: (None if v == "None" else v if kinds[k] is str else int(v))
+                      for k, v in values.items() if k in kinds})
+
+
+def settings_of(settings=None, **fields):
+    """`settings` (a Settings; an int is a budget, as mlx-lm's make_prompt_cache takes
+    max_kv_size; None: the defaults) with `fields` replaced."""
+    if settings is None:
+        return Settings(**fields)
+    if isinstance(settings, (int, np.integer)) and not isinstance(settings, bool):
+        return Settings(budget=int(settings), **fields)
+    if not isinstance(settings, Settings):
+        raise TypeError(f"settings must be a triattn_mlx.Settings, got {type(settings).__name__}")
+    return settings.replace(**fields) if fields else settings
+
+
+def add_arguments(parser, stats_fallback):
+    """The compression flags of generate and server (mlx-lm's --kv-bits/--kv-group-size are
+    read too: they select quantized storage)."""
+    defaults = Settings()
+    group = parser.add_argument_group("TriAttention KV compression")
+    group.add_argument("--budget", type=int, default=defaults.budget,
+                       help=f"KV tokens each KV head keeps (default: {defaults.budget})")
+    group.add_argument("--window", type=int, default=defaults.window,
+                       help=f"recent tokens always kept (default: {defaults.window})")
+    group.add_argument("--divide-length", type=int, default=defaults.divide_length,
+                       help=f"prune when budget + this many tokens are cached (default: {defaults.divide_length})")
+    group.add_argument("--sinks", type=int, default=defaults.sinks,
+                       help=f"first positions always kept (default: {defaults.sinks})")
+    group.add_argument("--pruning-mode", choices=PRUNING_MODES, default=defaults.pruning_mode,
+                       help="per_head: one token set per KV head for all layers (default); "
+                            "per_layer_per_head: each layer selects its own")
+    group.add_argument("--method", choices=METHODS, default=defaults.method,
+                       help="how cached keys are scored: triattention (default) or a baseline "
+                            "(streamingllm, snapkv, h2o, rkv, key_norm, random)")
+    group.add_argument("--stats", default="auto",
+                       help="calibration stats: a .safetensors file, a Hugging Face repo id, or "
+                            f"'auto' (shipped stats matching the model, else {stats_fallback})")
+    return group
+
+
+def from_args(args):
+    """Settings from parsed CLI flags (ValueError with the flag's meaning if invalid)."""
+    return Settings(budget=args.budget, window=args.window, divide_length=args.divide_length,
+                    sinks=args.sinks, pruning_mode=args.pruning_mode, method=args.method,
+                    kv_bits=getattr(args, "kv_bits", None), kv_group_size=getattr(args, "kv_group_size", 64))
