@@ -18,14 +18,13 @@ import json
 import time
 from pathlib import Path
 
-import triattn_mlx  # noqa: F401  (OpenBLAS preload on Linux, before mlx)
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 
 from bench.common import plot, write_json
 from bench.kernels import qwen3_8b_4bit
-from triattn_mlx import make_prompt_cache
-from triattn_mlx.batch import BatchSharedSelection, BatchTriAttentionKVCache
+from triattn_mlx import BatchTriAttentionKVCache, make_prompt_cache
+from triattn_mlx.groups import SharedSelection
 
 STATS = Path(__file__).resolve().parent.parent / "stats" / "qwen3-8b.safetensors"
 
@@ -52,15 +51,14 @@ def triattention_caches(model, B, N, budget, stats=STATS):
     """Batch caches as B sequences with N tokens of history leave them: `budget` kept
     tokens each (the last `budget` positions), offset N."""
     singles = make_prompt_cache(model, budget, stats=stats)
-    shared = BatchSharedSelection()
+    group = SharedSelection()
     caches = []
     for single in singles:
-        cache = BatchTriAttentionKVCache(budget, single.scorer, single.window, single.divide_length,
-                                         single.sinks, [0] * B, shared)
+        cache = BatchTriAttentionKVCache(settings=single.settings, scorer=single.scorer, left_padding=[0] * B,
+                                         group=group)
         k = history(model, B, budget)
         cache.update_and_fetch(k, k)  # budget < budget + divide_length: no prune yet
-        cache.positions[..., :budget] = mx.arange(N - budget, N, dtype=mx.int32)
-        cache._next[:] = N
+        cache._shift[:] = N - budget  # the held tokens are positions N - budget .. N - 1
         mx.eval(cache.keys, cache.values, cache.positions)
         caches.append(cache)
     return caches

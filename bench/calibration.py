@@ -12,13 +12,12 @@ texts never overlap.
 
 import argparse
 
-import triattn_mlx  # noqa: F401  (OpenBLAS preload on Linux)
 import mlx_lm
 import numpy as np
 
 from bench.common import evaluation_texts, plot, write_json
+from support.evaluate import perplexity, reference_logprobs, reference_nll, teacher_forced
 from triattn_mlx import calibrate, make_prompt_cache
-from triattn_mlx.evaluate import perplexity, reference_logprobs, reference_nll, teacher_forced
 from triattn_mlx.testing import code_text, prose_text, smollm2_model_dir
 
 
@@ -59,7 +58,7 @@ def main():
             "self-calibration (the text itself)": calibrate(model, tokens, source="self"),
         }
         for name, stats in variants.items():
-            nll, kl = teacher_forced(model, tokens, make_prompt_cache(model, args.budget, stats), ref)
+            nll, kl = teacher_forced(model, tokens, make_prompt_cache(model, args.budget, stats=stats), ref)
             row[name] = {"ppl": perplexity(nll, args.budget), "kl": float(kl[args.budget:].mean())}
         results[kind] = row
         print(f"\n{kind} text, {len(tokens)} tokens, budget {args.budget}:")

@@ -19,7 +19,6 @@ import json
 import time
 from pathlib import Path
 
-import triattn_mlx  # noqa: F401  (OpenBLAS preload on Linux, before mlx)
 import mlx.core as mx
 import numpy as np
 

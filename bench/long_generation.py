@@ -9,14 +9,12 @@ on the real test model. Peak memory is MLX's measured peak, reset after loading.
 import argparse
 import time
 
-import triattn_mlx  # noqa: F401  (OpenBLAS preload on Linux)
 import mlx.core as mx
 import mlx_lm
 from mlx_lm.models.cache import make_prompt_cache as full_cache
 
 from bench.common import plot, write_json
-from triattn_mlx import calibrate, make_prompt_cache
-from triattn_mlx.cache import cache_report
+from triattn_mlx import cache_report, calibrate, make_prompt_cache
 from triattn_mlx.testing import code_text, smollm2_model_dir
 
 
@@ -49,7 +47,7 @@ def main():
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Write a long story about a lighthouse keeper."}], add_generation_prompt=True)
     results = {}
-    for name, cache in (("triattention", make_prompt_cache(model, args.budget, stats)),
+    for name, cache in (("triattention", make_prompt_cache(model, args.budget, stats=stats)),
                         ("full", full_cache(model))):
         results[name] = run(model, tokenizer, prompt, cache, args.tokens, args.checkpoint)
         last = results[name]["trace"][-1]

@@ -8,11 +8,11 @@ mlx-lm's own caches are used as they are.
 from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache
 from mlx_lm.models.cache import make_prompt_cache as full_cache
 
-from triattn_mlx import make_prompt_cache, remove_query_recorders
-from triattn_mlx.baselines import (PriorPlusRecentScorer, attention_scorer_factory, key_norm_scores, random_scores,
-                                   recency_scores)
+from triattn_mlx import make_prompt_cache, remove_taps
+from triattn_mlx.baselines import SnapKVScorer
 from triattn_mlx.scoring import TriAttentionScorer
-from triattn_mlx.stats import RopeTap
+from triattn_mlx.selection import zscore
+from triattn_mlx.taps import install_recent_queries
 
 TRIATTENTION = "TriAttention (per_head)"  # the project's default
 
@@ -20,6 +20,18 @@ TRIATTENTION = "TriAttention (per_head)"  # the project's default
 def window(budget):
     """The protected recent window: the cache default (128) where the budget allows."""
     return min(128, budget // 2)
+
+
+class PriorPlusRecentScorer:
+    """A variant: TriAttention's calibrated score mixed with the observed attention of the
+    most recent real queries (SnapKV's signal), per query head: z(prior) + weight * z(recent)."""
+
+    def __init__(self, prior, recent, weight=1.0):
+        self.prior, self.recent, self.weight = prior, recent, weight
+
+    def __call__(self, keys, positions, offset):
+        return (zscore(self.prior(keys, positions, offset))
+                + self.weight * zscore(self.recent(keys, positions, offset)))
 
 
 def methods(stats):
@@ -31,43 +43,46 @@ def methods(stats):
     def tri(**options):
         return lambda model, budget: cache(model, budget, stats=stats, **options)
 
-    def scored(scorer, **options):
-        return lambda model, budget: cache(model, budget, scorer_factory=lambda i, info: scorer, **options)
+    def baseline(method, **options):
+        return lambda model, budget: cache(model, budget, method=method, **options)
 
-    def attention(kind):
-        return lambda model, budget: cache(model, budget, scorer_factory=attention_scorer_factory(model, kind),
-                                           pruning_mode="per_layer_per_head")
+    def tri_scorer(**options):
+        def factory(i, info):
+            return TriAttentionScorer(stats.q_mean[i], stats.q_abs_mean[i], info.rope, info.n_kv_heads, **options)
+
+        return lambda model, budget: cache(model, budget, scorer_factory=factory)
 
     def prior_plus_recent(weight):
         def make(model, budget):
-            recent = attention_scorer_factory(model, "snapkv")
+            taps = install_recent_queries(model)
 
             def factory(i, info):
                 prior = TriAttentionScorer(stats.q_mean[i], stats.q_abs_mean[i], info.rope, info.n_kv_heads)
-                return PriorPlusRecentScorer(prior, recent(i, info), weight)
+                return PriorPlusRecentScorer(prior, SnapKVScorer(taps[i]), weight)
 
             return cache(model, budget, scorer_factory=factory)
 
         return make
 
-    return {
+    table = {
         TRIATTENTION: tri(),
         "TriAttention + recent queries (z-mix 1:1)": prior_plus_recent(1.0),
         "TriAttention (window budget/4)": lambda model, budget: make_prompt_cache(
             model, budget, window=budget // 4, stats=stats),
         "TriAttention (per_layer_per_head)": tri(pruning_mode="per_layer_per_head"),
         "TriAttention (self-calibrated)": lambda model, budget: cache(model, budget, stats="self"),
-        "TriAttention trig term only": tri(terms="trig"),
-        "TriAttention norm term only": tri(terms="norm"),
-        "StreamingLLM (4 sinks + recent)": scored(recency_scores, sinks=4),
-        "H2O": attention("h2o"),
-        "SnapKV": attention("snapkv"),
-        "R-KV": attention("rkv"),
-        "key norm (reference MLX port fallback)": scored(key_norm_scores),
-        "random": scored(random_scores),
+        "TriAttention trig term only": tri_scorer(terms="trig"),
+        "TriAttention norm term only": tri_scorer(terms="norm"),
+        "StreamingLLM (4 sinks + recent)": baseline("streamingllm", sinks=4),
+        "key norm (reference MLX port fallback)": baseline("key_norm"),
+        "random": baseline("random"),
         "mlx-lm RotatingKVCache(keep=4)": lambda model, budget: [RotatingKVCache(budget, keep=4)
                                                                  for _ in model.layers],
     }
+    for method, name in (("h2o", "H2O"), ("snapkv", "SnapKV"), ("rkv", "R-KV")):  # both pruning modes
+        table[f"{name} (per_head)"] = baseline(method)
+        table[f"{name} (per_layer_per_head)"] = baseline(method, pruning_mode="per_layer_per_head")
+    return table
 
 
 def equal_memory_methods():
@@ -77,8 +92,8 @@ def equal_memory_methods():
 
 
 def cleanup(model):
-    """Take off any query recorders a method installed."""
-    remove_query_recorders(model, RopeTap)
+    """Take off any rope taps a method installed."""
+    remove_taps(model)
 
 
 __all__ = ["methods", "equal_memory_methods", "cleanup", "full_cache", "TRIATTENTION"]

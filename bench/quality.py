@@ -25,16 +25,14 @@ import argparse
 import time
 from pathlib import Path
 
-import triattn_mlx  # noqa: F401  (OpenBLAS preload on Linux)
 import mlx.core as mx
 import mlx_lm
 import numpy as np
 
 from bench.common import RESULTS, evaluation_texts, plot, write_json
 from bench.methods import TRIATTENTION, cleanup, equal_memory_methods, full_cache, methods
-from triattn_mlx import calibrate
-from triattn_mlx.cache import cache_report
-from triattn_mlx.evaluate import chunk_logprobs, perplexity, reference_nll, teacher_forced
+from support.evaluate import chunk_logprobs, perplexity, reference_nll, teacher_forced
+from triattn_mlx import cache_report, calibrate
 from triattn_mlx.testing import code_text, prose_text, smollm2_model_dir
 
 QUICK = dict(tokens=1024, budgets=[128, 256], recall_context=512, recall_depths=[0.25, 0.75], recall_seeds=[0],

@@ -15,15 +15,13 @@ import argparse
 import time
 from pathlib import Path
 
-import triattn_mlx  # noqa: F401  (OpenBLAS preload on Linux)
 import mlx_lm
 from mlx_lm.models.cache import QuantizedKVCache
 from mlx_lm.models.cache import make_prompt_cache as full_cache
 
 from bench.common import RESULTS, evaluation_texts, plot, write_json
-from triattn_mlx import calibrate, make_prompt_cache
-from triattn_mlx.cache import cache_report
-from triattn_mlx.evaluate import chunk_logprobs, perplexity, reference_nll, teacher_forced
+from support.evaluate import chunk_logprobs, perplexity, reference_nll, teacher_forced
+from triattn_mlx import cache_report, calibrate, make_prompt_cache
 from triattn_mlx.testing import code_text, smollm2_model_dir
 
 

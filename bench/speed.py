@@ -25,15 +25,13 @@ import json
 import time
 from pathlib import Path
 
-import triattn_mlx  # noqa: F401  (OpenBLAS preload on Linux, before mlx)
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from bench.common import RESULTS, plot, write_json
 from bench.kernels import qwen3_8b_4bit
-from triattn_mlx import make_prompt_cache
-from triattn_mlx.cache import cache_report
+from triattn_mlx import cache_report, make_prompt_cache
 
 
 def prefill(model, cache, N, prefill_step=1024):
@@ -137,11 +135,11 @@ def main():
         "QuantizedKVCache 8-bit": lambda: [QuantizedKVCache(bits=8) for _ in model.layers],
         "QuantizedKVCache 4-bit": lambda: [QuantizedKVCache(bits=4) for _ in model.layers],
         f"RotatingKVCache({budget})": lambda: [RotatingKVCache(budget, keep=4) for _ in model.layers],
-        f"TriAttention {budget}": lambda: make_prompt_cache(model, budget, stats),
-        slots: lambda: make_prompt_cache(model, budget - 128, stats),
-        f"TriAttention {budget} 4-bit": lambda: make_prompt_cache(model, budget, stats, kv_bits=4),
+        f"TriAttention {budget}": lambda: make_prompt_cache(model, budget, stats=stats),
+        slots: lambda: make_prompt_cache(model, budget - 128, stats=stats),
+        f"TriAttention {budget} 4-bit": lambda: make_prompt_cache(model, budget, stats=stats, kv_bits=4),
         # The same, each step synchronized and timed: gives the prune share.
-        f"TriAttention {budget} (per-step timing)": lambda: make_prompt_cache(model, budget, stats),
+        f"TriAttention {budget} (per-step timing)": lambda: make_prompt_cache(model, budget, stats=stats),
     }
     left_out = {slots} if budget - 128 <= 128 else set()  # the default window (128) must fit in it
     if args.quick:  # under 10 minutes: the GPU run's extra ceiling and variant rows left out
@@ -150,7 +148,7 @@ def main():
     rows = []
     # Compile (JIT) the kernels every row uses, prune rounds included, before any timing
     run(model, [KVCache() for _ in model.layers], 512, 6)
-    run(model, make_prompt_cache(model, 256, stats), 512, 6)
+    run(model, make_prompt_cache(model, 256, stats=stats), 512, 6)
     for N in sizes["lengths"]:
         for label, make in methods.items():
             if args.quick and "Quantized" in label and N != sizes["lengths"][0]:
