@@ -173,9 +173,13 @@ def bandwidth():
     score = per_eval * keys.nbytes / seconds / 1e9
     copy_seconds = timed(lambda: mx.eval([keys + 0 for _ in range(per_eval)]), repeats)
     copy = per_eval * 2 * keys.nbytes / copy_seconds / 1e9  # read + write
-    return [f"{path}: {score:.2f} GB/s of keys read (float16 keys {[B, n_kv, N, D]}, {keys.nbytes / 2**20:.0f} MiB, "
+    return [f"{path}: {_rate(score)} of keys read (float16 keys {[B, n_kv, N, D]}, {keys.nbytes / 2**20:.0f} MiB, "
             f"32 query heads: {seconds * 1e3 / per_eval:.2f} ms)",
-            f"copy of the same bytes: {copy:.2f} GB/s (read + write); scoring at {score / copy:.0%} of copy"]
+            f"copy of the same bytes: {_rate(copy)} (read + write); scoring at {score / copy:.0%} of copy"]
+
+
+def _rate(gigabytes_per_second):
+    return f"{gigabytes_per_second:.1f} GB/s" if gigabytes_per_second >= 1 else f"{gigabytes_per_second * 1e3:.1f} MB/s"
 
 
 def byte_tokenizer():
