@@ -157,6 +157,8 @@ def main():
             row["fused_share_of_decode_step"] = row.get("fused_s", row["mlx_ops_s"]) / row["decode_step_s"]
         rows.append(row)
         print(json.dumps(row))
+    if kernels.disabled:  # then the fused rows timed the MLX-op path
+        raise SystemExit(f"the fused kernel failed its self-test: {kernels.disabled}")
     out = Path(args.output) if args.output else None
     kwargs = {"folder": out} if out else {}
     write_json("kernels", {"copy_GBps": copy / 1e9, "backend": kind, "launch_cost": launch, "rows": rows}, **kwargs)

@@ -86,6 +86,7 @@ def test_fused_kernel_matches_mlx_ops_and_numpy(dtype, D, style, G, launch):
     ops = np.array(triattention_scores(keys, mx.array(w), mx.array(c), mx.array(pairs)))
     packed = kernels.fused_weights(mx.array(w), mx.array(c), mx.array(pairs))
     fused = np.array(kernels.fused_scores(keys, packed, style, **LAUNCHES[launch]))
+    assert not kernels.disabled, kernels.disabled  # else `fused` is the MLX-op path's
     np.testing.assert_allclose(fused, ref, atol=tolerance(dtype, ref))
     np.testing.assert_allclose(fused, ops, atol=tolerance(dtype, ref))
 
@@ -154,5 +155,20 @@ def test_fused_quantized_kernel_matches_dequantize_then_score(dtype, D, style, b
     assert kernels.can_fuse_quantized(keys[:3], bits, group_size, style)
     fused = np.array(kernels.fused_scores_quantized(keys[:3], bits, group_size, packed, style,
                                                     **LAUNCHES["four_keys_per_pass"]))
+    assert not kernels.disabled, kernels.disabled
     np.testing.assert_array_less(np.abs(fused - ref), 1e-5 * bound + 1e-6)
     np.testing.assert_array_less(np.abs(fused - ops), 2 * ROUNDING[dtype] * bound + 1e-6)
+
+
+@needs_gpu
+def test_self_test_passes_for_every_checked_instantiation():
+    """What the doctor runs: each instantiation the Metal source check covers, compiled and
+    compared with the MLX-op path on a small random problem."""
+    from triattn_mlx import msl_check
+
+    failed = {}
+    for launch in msl_check.checked_launches():
+        reason = kernels.self_test(GPU, launch.storage, launch.config)
+        if reason is not None:
+            failed[kernels.describe(launch.storage, launch.config["template"])] = reason
+    assert not failed, failed
