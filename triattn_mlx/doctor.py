@@ -88,16 +88,16 @@ def metal_source_check():
         return ["skipped: on Metal the self-test below compiles the real source"], None
     compiler = msl_check.clang()
     if compiler is None:
-        return ["skipped: no clang++ on PATH (Debian: apt-get install clang)"], None
+        return ["skipped: no clang (apt-get install clang, or pip install ziglang)"], None
     try:
         generated = msl_check.capture()
     except Exception as e:  # noqa: BLE001  (an MLX that cannot export Metal kernels without Metal)
         return [f"skipped: MLX could not export the Metal kernel here ({type(e).__name__}: {e})"], None
     start = time.perf_counter()
     result = msl_check.check(generated, compiler=compiler)
-    version = (_run([compiler, "--version"]) or "").splitlines()[:1]
+    version = (_run([*compiler, "--version"]) or "").splitlines()[:1]
     lines = [f"{'ok' if result.ok else 'FAILED'}: {result.kernels} instantiations with "
-             f"{version[0] if version else compiler} ({time.perf_counter() - start:.1f} s)"]
+             f"{version[0] if version else ' '.join(compiler)} ({time.perf_counter() - start:.1f} s)"]
     if not result.ok:
         lines += result.message.splitlines()[:40]
     return lines, result.ok

@@ -41,6 +41,7 @@ really runs.
 """
 
 import argparse
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -77,11 +78,15 @@ METAL_ATTRIBUTES = {
 
 
 def clang():
-    """A clang++ on PATH (Debian: apt-get install clang), or None."""
+    """The clang command: clang++ on PATH (Debian: apt-get install clang), else the clang
+    inside the `ziglang` wheel (the test extras install it, so CI needs no system package),
+    else None. A list of arguments."""
     for name in ("clang++", "clang", *(f"clang++-{v}" for v in range(25, 13, -1))):
         path = shutil.which(name)
         if path:
-            return path
+            return [path]
+    if importlib.util.find_spec("ziglang") is not None:
+        return [sys.executable, "-m", "ziglang", "clang"]
     return None
 
 
@@ -131,7 +136,7 @@ def check(generated, sources=kernels.SOURCES, compiler=None, shim=SHIM):
     """Syntax-check generated Metal sources ({name: source}, from capture) with clang."""
     compiler = compiler or clang()
     if compiler is None:
-        return Result(False, 0, "no clang++ on PATH (Debian: apt-get install clang)")
+        return Result(False, 0, "no clang: apt-get install clang, or pip install ziglang")
     # Sources that share a header (one per key storage) go in one translation unit: the
     # header once, then each generated kernel and its instantiation, exactly as generated.
     headers = [kernels.kernel_spec("metal", storage, sources)["header"] for storage in ("plain", "quantized")]
@@ -155,7 +160,7 @@ def check(generated, sources=kernels.SOURCES, compiler=None, shim=SHIM):
 
 def _compile(compiler, path, shim):
     """clang's errors for one unit ([] when there are none)."""
-    expanded = subprocess.run([compiler, "-E", "-x", "c++", "-nostdinc", "-nostdinc++", *METAL_DEFINES, str(path)],
+    expanded = subprocess.run([*compiler, "-E", "-x", "c++", "-nostdinc", "-nostdinc++", *METAL_DEFINES, str(path)],
                               capture_output=True, text=True)
     if expanded.returncode != 0:
         return [expanded.stderr.strip()]
@@ -164,7 +169,7 @@ def _compile(compiler, path, shim):
         return [f"{path.name}: {p}" for p in problems]
     checked = path.with_suffix(".ii")
     checked.write_text(text)
-    run = subprocess.run([compiler, "-fsyntax-only", "-x", "c++", *CLANG_FLAGS, "-include", str(shim),
+    run = subprocess.run([*compiler, "-fsyntax-only", "-x", "c++", *CLANG_FLAGS, "-include", str(shim),
                           str(checked)], capture_output=True, text=True)
     return [run.stderr.strip()] if run.returncode != 0 else []
 
