@@ -21,9 +21,10 @@ import sys
 import time
 from collections import Counter
 
-import triattn_mlx  # noqa: F401  (first: preloads OpenBLAS on Linux before mlx loads)
 import mlx.core as mx
 import numpy as np
+
+import triattn_mlx  # noqa: F401  (first: preloads OpenBLAS on Linux before mlx loads)
 
 from . import kernels, msl_check
 
