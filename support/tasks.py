@@ -18,6 +18,7 @@ Prompts are chat turns, put through the model's chat template the way mlx-lm's C
 
 import gzip
 import json
+import logging
 import os
 import random
 import re
@@ -80,11 +81,11 @@ def extracted(name, version, prefix, python_version=None):
 
 def chat_tokens(tokenizer, user_text):
     """The prompt tokens mlx-lm's CLI would feed for one user turn."""
-    if not getattr(tokenizer, "has_chat_template", True) or getattr(tokenizer, "chat_template", "") is None:
-        text = user_text
-    else:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                             add_generation_prompt=True)
+    template = getattr(tokenizer, "has_chat_template", None)  # mlx-lm's TokenizerWrapper
+    if template is None:  # a transformers tokenizer
+        template = getattr(tokenizer, "chat_template", None) is not None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                         add_generation_prompt=True) if template else user_text
     bos = getattr(tokenizer, "bos_token", None)
     return list(tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
 
@@ -232,11 +233,17 @@ class Haystack:
 def _encoded_haystack(tokenizer, start, tokens):
     """The first `tokens` (or more) tokens of haystack_text(start), encoded."""
     text, chars = haystack_text(start), 6 * tokens + 1000  # English prose: ~4 characters a token
-    while True:
-        ids = list(tokenizer.encode(text[:chars], add_special_tokens=False))
-        if len(ids) >= tokens or chars >= len(text):
-            return ids
-        chars *= 2
+    quiet = logging.getLogger("transformers")  # the margin exceeds the model's length: not an error
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        while True:
+            ids = list(tokenizer.encode(text[:chars], add_special_tokens=False))
+            if len(ids) >= tokens or chars >= len(text):
+                return ids
+            chars *= 2
+    finally:
+        quiet.setLevel(level)
 
 
 def _sentence_boundaries(text):
@@ -263,10 +270,11 @@ def haystack(tokenizer, context, depth, needle, start=0):
         raise ValueError(f"context {context} leaves no room for a document: the template, instruction, "
                          f"needle and question take {overhead} tokens")
 
-    def document_of(n):
+    def document_of(n, skip):  # the first n tokens of essay text, less its first `skip` words
         if n > len(ids):
             raise ValueError(f"context {context} is longer than the essays ({len(ids)} tokens)")
-        return tokenizer.decode(ids[:n]).rstrip("\ufffd").strip()
+        text = tokenizer.decode(ids[:n]).rstrip("\ufffd").strip()
+        return re.split(r"\s+", text, maxsplit=skip)[-1] if skip else text
 
     def build(document):
         boundaries = _sentence_boundaries(document)
@@ -278,28 +286,21 @@ def haystack(tokenizer, context, depth, needle, start=0):
         planted, needle_at = _plant(document, needle, at)
         return planted, needle_at, chat_tokens(tokenizer, niah_user_text(planted, needle.question))
 
-    # Token counts are not additive across joins: walk the essay length to the exact total.
-    n, tried = context - overhead, {}
-    while n not in tried:
-        tried[n] = len(build(document_of(n))[2])
-        if tried[n] == context:
+    # Token counts are not additive across joins: walk the essay length to the exact total
+    # (the walk stops where it arrives, or where it goes round in a loop: the count can
+    # jump over the total where the cut lands after whitespace, "words.\n\nI"); a document
+    # that starts a word later cuts elsewhere.
+    document = None
+    for skip in range(16):
+        counts, n = {}, context - overhead
+        while n not in counts:
+            counts[n] = len(build(document_of(n, skip))[2])
+            n = max(1, n + context - counts[n])
+        if counts[n] == context:
+            document = document_of(n, skip)
             break
-        n = max(1, n + context - tried[n])
-    if tried.get(n) != context:  # a join swallowed a token: trim characters until it fits
-        below = max((k for k, v in tried.items() if v < context), default=None)
-        above = min((k for k, v in tried.items() if v > context), default=None)
-        if below is None or above is None:
-            raise RuntimeError(f"could not fit a haystack to {context} tokens")
-        long, short = document_of(above), document_of(below)
-        for end in range(len(long) - 1, len(short) - 1, -1):
-            if len(build(long[:end])[2]) == context:
-                n = None
-                document = long[:end]
-                break
-        else:
-            raise RuntimeError(f"could not fit a haystack to exactly {context} tokens")
-    else:
-        document = document_of(n)
+    if document is None:
+        raise RuntimeError(f"could not fit a haystack to exactly {context} tokens")
     planted, needle_at, tokens = build(document)
     doc_tokens = len(tokenizer.encode(planted, add_special_tokens=False))
     before = len(tokenizer.encode(planted[:needle_at], add_special_tokens=False)) if needle_at else 0
