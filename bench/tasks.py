@@ -274,12 +274,20 @@ def run_task(task, model, tokenizer, stats, sizes, methods, prefill_step_size=20
               | {"prompt_tokens": len(item["prompt"])} for item in items]
     bar = tqdm(runs, desc=task, unit="run", dynamic_ncols=True, file=sys.stderr)
     for item, method, budget in bar:
+        if method in skipped:  # it failed on an earlier item
+            continue
         tokens = None if budget is None else budget_tokens(budget, item)
         bar.set_postfix_str(f"{item['id']} {METHODS[method]}" + ("" if tokens is None else f" @{tokens}"))
         try:
             caches = method_caches(model, method, tokens, stats)
             run = generate(model, tokenizer, item["prompt"], caches, sizes["max_tokens"], prefill_step_size,
                            lambda text, item=item: stop(item, text))
+        except Exception as e:  # a compressed cache that cannot run here: one line, the others go on
+            if method == "full":
+                raise
+            skipped[method] = f"raised {type(e).__name__}: {e}"
+            bar.write(f"dropping {METHODS[method]}: {skipped[method]}")
+            continue
         finally:
             cleanup(model)
         row = dict(item=item["id"], method=method, label=METHODS[method], budget=tokens, budget_given=budget,
@@ -454,16 +462,22 @@ def main(argv=None):
     header = dict(command=command, task=args.task, model=str(args.model), model_path=str(path),
                   mode="quick" if args.quick else "full", sizes=sizes, stats=stats_source,
                   prefill_step_size=args.prefill_step_size, methods={m: METHODS[m] for m in args.methods})
-    start = last_save = time.perf_counter()
+    start, saved, latest = time.perf_counter(), [0.0], {}
 
-    def save(result, every=30.0):
-        nonlocal last_save
-        if time.perf_counter() - last_save >= every:  # a full run has thousands of rows: not after each
+    def save(result, every=30.0):  # a full run has thousands of rows: not after each
+        latest.update(result)
+        if time.perf_counter() - saved[0] >= every:
             write_json(name, {**header, "wall_seconds": round(time.perf_counter() - start, 1), **result}, folder)
-            last_save = time.perf_counter()
+            saved[0] = time.perf_counter()
 
-    result = run_task(args.task, model, tokenizer, stats, sizes, args.methods, args.prefill_step_size, args.seed,
-                      on_row=save)
+    try:
+        result = run_task(args.task, model, tokenizer, stats, sizes, args.methods, args.prefill_step_size,
+                          args.seed, on_row=save)
+    except KeyboardInterrupt:
+        print("interrupted: keeping the runs done so far")
+        if not latest:
+            return
+        result = {**latest, "interrupted": True}
     save(result, every=0)
     draw(args.task, result, name, folder, f"{args.task}: {model_slug(args.model)}"
          + (" (quick)" if args.quick else ""))
