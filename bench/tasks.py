@@ -18,7 +18,8 @@ the prompt cache method_caches() builds, so the figures are what users get:
   streamingllm, snapkv, h2o, rkv
                   the baselines, through triattn_mlx.make_prompt_cache(method=...);
                   skipped with one line while that keyword does not exist
-  rotating        mlx-lm RotatingKVCache (what `mlx_lm.generate --max-kv-size` gives)
+  rotating        mlx-lm RotatingKVCache(budget, keep=4), what `mlx_lm.generate --max-kv-size`
+                  gives (built directly: mlx-lm 0.32 ignores the flag for llama and gemma3)
 The prompt is read in mlx-lm's chunks (--prefill-step-size, mlx-lm's default 2048), and
 compression acts after each chunk: in a prompt of 2k tokens or less, every prompt token
 has seen the whole document before anything is evicted (only the last prompt token and
@@ -108,7 +109,7 @@ def method_caches(model, method, budget, stats):
     if method == "full":
         return mlx_cache.make_prompt_cache(model)
     if method == "rotating":
-        return mlx_cache.make_prompt_cache(model, max_kv_size=budget)
+        return rotating_caches(model, budget)
     small = {} if budget >= 2 * DEFAULT_WINDOW else {"window": budget // 2}
     if method in TRIATTENTION:
         return triattn_mlx.make_prompt_cache(model, budget=budget, stats=stats, pruning_mode=TRIATTENTION[method],
@@ -117,6 +118,21 @@ def method_caches(model, method, budget, stats):
         return triattn_mlx.make_prompt_cache(model, budget=budget, method=method, pruning_mode="per_layer_per_head",
                                              **small)
     raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+
+
+def rotating_caches(model, budget):
+    """What `mlx_lm.generate --max-kv-size budget` means: RotatingKVCache(budget, keep=4) for
+    every full-attention layer. mlx-lm's make_prompt_cache(model, max_kv_size) builds that
+    only for models without their own make_cache; llama and gemma3 models have one (for
+    their sliding-window layers) and get full KVCaches, which would make this row a second
+    full attention. Their own sliding-window caches stay."""
+    caches = mlx_cache.make_prompt_cache(model, max_kv_size=budget)
+    return [mlx_cache.RotatingKVCache(max_size=budget, keep=4) if type(c) is mlx_cache.KVCache else c
+            for c in caches]
+
+
+def mlx_ignores_max_kv_size(model):
+    return any(type(c) is mlx_cache.KVCache for c in mlx_cache.make_prompt_cache(model, max_kv_size=64))
 
 
 def cleanup(model):
@@ -322,34 +338,35 @@ def budget_label(budget):
 
 
 def draw_niah(fig, result, title):
-    """The usual needle heat map: depth (rows) x context (columns), one panel per method and
-    budget (full attention first), colour and number = share of needles answered exactly."""
+    """The usual needle heat map: depth (rows) x context (columns), one panel per method,
+    one row of panels per budget (full attention, the ceiling, first in each), colour and
+    number = share of needles answered exactly."""
     cells = result["by_cell"]
     contexts = sorted({c["context"] for c in cells})
     depths = sorted({c["depth"] for c in cells})
     accuracy = {(c["method"], c["budget"], c["context"], c["depth"]): c["accuracy"] for c in cells}
-    budgets = sorted({c["budget"] for c in cells if c["budget"] is not None}, reverse=True)
-    panels = [(m, b) for b in budgets for m in METHODS if m != "full" and any(
-        c["method"] == m and c["budget"] == b for c in cells)]
-    if any(c["method"] == "full" for c in cells):
-        panels.insert(0, ("full", None))
-    ncols = min(len(panels), 5)
-    nrows = -(-len(panels) // ncols)
-    fig.set_size_inches(1.2 + (1.1 + 0.5 * len(contexts)) * ncols, 1.0 + (0.6 + 0.28 * len(depths)) * nrows)
-    for i, (method, budget) in enumerate(panels):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        values = [[accuracy.get((method, budget, ctx, d), float("nan")) for ctx in contexts] for d in depths]
-        ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-        for r, line in enumerate(values):
-            for c, v in enumerate(line):
-                if not math.isnan(v):
-                    ax.text(c, r, f"{v:.2g}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(contexts)), [f"{c / 1024:g}k" for c in contexts], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths] if i % ncols == 0 else [], fontsize=7)
-        mean = next(s["accuracy"] for s in result["summary"] if s["method"] == method and s["budget"] == budget)
-        ax.set_title(f"{METHODS[method]}\n{budget_label(budget)} mean {mean:.2f}".strip(), fontsize=7)
-    fig.suptitle(f"{title}: share of needles answered exactly (0 red, 1 green), "
-                 "needle depth (rows) x context (columns)", fontsize=8)
+    mean = {(s["method"], s["budget"]): s["accuracy"] for s in result["summary"]}
+    budgets = sorted({c["budget"] for c in cells if c["budget"] is not None}, reverse=True) or [None]
+    columns = [m for m in METHODS if any(c["method"] == m for c in cells)]
+    fig.set_size_inches(1.0 + (1.0 + 0.45 * len(contexts)) * len(columns),
+                        1.0 + (0.7 + 0.28 * len(depths)) * len(budgets))
+    for row, budget in enumerate(budgets):
+        for col, method in enumerate(columns):
+            panel = (method, None if method == "full" else budget)
+            if panel not in mean:
+                continue
+            ax = fig.add_subplot(len(budgets), len(columns), row * len(columns) + col + 1)
+            values = [[accuracy.get((*panel, ctx, d), float("nan")) for ctx in contexts] for d in depths]
+            ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+            for r, line in enumerate(values):
+                for c, v in enumerate(line):
+                    if not math.isnan(v):
+                        ax.text(c, r, f"{v:.2g}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(contexts)), [f"{c / 1024:g}k" for c in contexts], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths] if col == 0 else [], fontsize=7)
+            ax.set_title(f"{METHODS[method]}\n{budget_label(panel[1])} mean {mean[panel]:.2f}".strip(), fontsize=7)
+    fig.suptitle(f"{title}\nneedles answered exactly (0 red, 1 green); needle depth (rows) x context (columns)",
+                 fontsize=8)
 
 
 def draw_accuracy(fig, result, title):
@@ -362,8 +379,12 @@ def draw_accuracy(fig, result, title):
     width = 0.8 / max(1, len(budgets))
     for b, budget in enumerate(budgets):
         xs = [i + b * width for i in range(len(methods))]
-        ys = [next((s["accuracy"] for s in summary if s["method"] == m and s["budget"] == budget), 0) for m in methods]
-        acc.bar(xs, ys, width, label=f"budget {budget}")
+        found = [next((s for s in summary if s["method"] == m and s["budget"] == budget), None) for m in methods]
+        acc.bar(xs, [s["accuracy"] if s else 0 for s in found], width, label=f"budget {budget}")
+        for x, s in zip(xs, found):
+            if s:
+                acc.text(x, s["accuracy"] + 0.01, f"{round(s['accuracy'] * s['items'])}/{s['items']}", ha="center",
+                         va="bottom", fontsize=6)
     full = next((s for s in summary if s["method"] == "full"), None)
     if full:
         acc.axhline(full["accuracy"], color="black", linestyle="--", label=f"full attention {full['accuracy']:.0%}")
@@ -394,7 +415,7 @@ def resolve_model(spec):
     if model_dir is not None:
         try:
             return Path(model_dir(spec))
-        except (KeyError, ValueError):
+        except (LookupError, ValueError):  # not one of its names
             pass
     if spec.lower() in ("smollm2-135m", "smollm2"):
         from triattn_mlx.testing import smollm2_model_dir
@@ -462,6 +483,11 @@ def main(argv=None):
     header = dict(command=command, task=args.task, model=str(args.model), model_path=str(path),
                   mode="quick" if args.quick else "full", sizes=sizes, stats=stats_source,
                   prefill_step_size=args.prefill_step_size, methods={m: METHODS[m] for m in args.methods})
+    if "rotating" in args.methods and mlx_ignores_max_kv_size(model):
+        header["rotating_note"] = ("mlx-lm's make_prompt_cache ignores max_kv_size for this model (it has its own "
+                                   "make_cache): `mlx_lm.generate --max-kv-size` gives full attention here; the "
+                                   "RotatingKVCache row is built directly")
+        print(header["rotating_note"])
     start, saved, latest = time.perf_counter(), [0.0], {}
 
     def save(result, every=30.0):  # a full run has thousands of rows: not after each

@@ -215,6 +215,28 @@ def test_methods_without_the_method_keyword_are_skipped(real_model, monkeypatch,
     assert "skipping SnapKV" in capsys.readouterr().out
 
 
+def test_every_method_builds_the_cache_it_names(real_model):
+    import mlx_lm.models.cache as mlx_cache
+
+    from bench import tasks as bench
+    from triattn_mlx.cache import TriAttentionKVCache
+    from triattn_mlx.loading import shipped_stats
+
+    model = real_model[0]
+    real_stats = shipped_stats(model)
+    full = bench.method_caches(model, "full", None, real_stats)
+    assert {type(c) for c in full} == {mlx_cache.KVCache}
+    # mlx-lm's make_prompt_cache(max_kv_size=) gives this llama model full caches: the row must not
+    rotating = bench.method_caches(model, "rotating", 128, real_stats)
+    assert all(isinstance(c, mlx_cache.RotatingKVCache) and c.max_size == 128 and c.keep == 4 for c in rotating)
+    assert bench.mlx_ignores_max_kv_size(model)
+    for method, mode in bench.TRIATTENTION.items():
+        caches = bench.method_caches(model, method, 128, real_stats)
+        assert all(isinstance(c, TriAttentionKVCache) and c.budget == 128 and c.window == 64 for c in caches)
+        assert (caches[0].shared is not None) == (mode == "per_head")
+    assert bench.method_caches(model, "triattention", 1024, real_stats)[0].window == 128  # the default
+
+
 def test_niah_runner_end_to_end(real_model, tmp_path, monkeypatch):
     """SmolLM2-135M, one 512-token haystack, two methods, through the command line. The 135M
     model finds this needle (a 7-digit number at 50%) with full attention; harder needles
