@@ -282,7 +282,7 @@ def summarize(rows, group_keys=()):
 def run_task(task, model, tokenizer, stats, sizes, methods, prefill_step_size=2048, seed=0, on_row=None,
              log=print):
     """Every method (METHODS keys) on every item of `task` at every budget in `sizes`.
-    Returns {"items", "rows", "skipped", "summary"[, "by_cell"]}; on_row(result) is
+    Returns {"items", "rows", "skipped", "summary"} (niah: also "by_context", "by_cell"); on_row(result) is
     called after every run with the result so far."""
     make_items, score, stop = TASKS[task]
     items = make_items(tokenizer, sizes, seed)
