@@ -202,8 +202,8 @@ def niah_items(tokenizer, sizes, seed=0):
                 kind = tasks.NEEDLE_KINDS[index % len(tasks.NEEDLE_KINDS)]
                 needle = tasks.make_needle(kind, seed + index)
                 hay = tasks.haystack(tokenizer, context, depth, needle, start=seed + index)
-                items.append(dict(id=f"{context}/{depth:g}/{kind}/{seed + index}", prompt=hay.tokens, context=context, depth=depth,
-                                  needle_depth=round(hay.needle_depth, 4), kind=kind, needle=needle.sentence,
+                items.append(dict(id=f"{context}/{depth:g}/{kind}/{seed + index}", prompt=hay.tokens,
+                                  context=context, depth=depth, needle_depth=round(hay.needle_depth, 4), kind=kind, needle=needle.sentence,
                                   question=needle.question, answer=needle.answer, _needle=needle))
                 index += 1
     return items
@@ -282,8 +282,8 @@ def summarize(rows, group_keys=()):
 def run_task(task, model, tokenizer, stats, sizes, methods, prefill_step_size=2048, seed=0, on_row=None,
              log=print):
     """Every method (METHODS keys) on every item of `task` at every budget in `sizes`.
-    Returns {"items", "rows", "skipped", "summary"} (niah: also "by_context", "by_cell"); on_row(result) is
-    called after every run with the result so far."""
+    Returns {"items", "rows", "skipped", "summary"} (niah: also "by_context", "by_cell");
+    on_row(result) is called after every run with the result so far."""
     make_items, score, stop = TASKS[task]
     items = make_items(tokenizer, sizes, seed)
     budgets = sizes["budgets"]
