@@ -203,8 +203,9 @@ def niah_items(tokenizer, sizes, seed=0):
                 needle = tasks.make_needle(kind, seed + index)
                 hay = tasks.haystack(tokenizer, context, depth, needle, start=seed + index)
                 items.append(dict(id=f"{context}/{depth:g}/{kind}/{seed + index}", prompt=hay.tokens,
-                                  context=context, depth=depth, needle_depth=round(hay.needle_depth, 4), kind=kind, needle=needle.sentence,
-                                  question=needle.question, answer=needle.answer, _needle=needle))
+                                  context=context, depth=depth, needle_depth=round(hay.needle_depth, 4), kind=kind,
+                                  needle=needle.sentence, question=needle.question, answer=needle.answer,
+                                  _needle=needle))
                 index += 1
     return items
 

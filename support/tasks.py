@@ -154,7 +154,8 @@ def make_needle(kind, seed):
         person, city = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}", rng.choice(_CITIES)
         return Needle(kind, f"{person} lives in the city of {city}.", f"In which city does {person} live?", city)
     if kind == "date":
-        event, month, day, year = rng.choice(_EVENTS), rng.randrange(12), rng.randrange(1, 29), rng.randrange(2031, 2099)
+        event, month = rng.choice(_EVENTS), rng.randrange(12)
+        day, year = rng.randrange(1, 29), rng.randrange(2031, 2099)
         value = f"{_MONTHS[month]} {day}, {year}"
         return Needle(kind, f"The {event} is scheduled for {value}.", f"On what date is the {event} scheduled?",
                       value, parts=dict(month=month + 1, day=day, year=year))
