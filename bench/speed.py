@@ -1,23 +1,28 @@
-"""Decode and prefill speed and memory vs context length: full KV, TriAttention, mlx-lm's
-bounded and quantized caches.
+"""Time to first token and decode speed vs context length: full KV, TriAttention and the
+ceiling no eviction method can beat.
 
-    python -m bench.speed [--quick] [--lengths 8192 32768 65536] [--budget 4096] [--decode-tokens 512]
+    python -m bench.speed [--quick] [--lengths 16384 32768 65536 131072] [--budget 4096]
+                          [--decode-tokens 256] [--repeats 3]
 
-GPU (default): a random-weight 4-bit model with Qwen3-8B's config (decodes at the real
-model's speed). --quick (CPU, under 10 minutes on 2 cores): the real test model
-(SmolLM2-135M, float32) at 1k and 4k tokens, budget 512 (--lengths up to 8064, its limit,
-for longer; QuantizedKVCache at the first length only). Each run prefills N random tokens
-in chunks (compressing as it reads), then decodes --decode-tokens tokens. Recorded per
-row: prefill time and peak memory, decode rate (prefill excluded), peak memory, and the
-bytes the caches hold. The ceiling no eviction method can beat is a plain
-KVCache holding the budget's number of tokens (a context of --budget tokens, then the
-decoded ones); mlx-lm's RotatingKVCache(budget) is timed too (on MLX CUDA it decodes slower
-than that ceiling). TriAttention holds budget + 128 slots between prune rounds (the
-reference's definition of the budget); a row at budget - 128 holds exactly --budget slots.
-mlx-lm's QuantizedKVCache (8 and 4 bits, no eviction) is timed too. The prune share
-(scoring + selection + compaction as a fraction of decode time) comes from a second
-TriAttention run that synchronizes every step: a step that runs a prune round costs its
-excess over the median plain step.
+GPU (default): a random-weight 4-bit model with Qwen3-8B's config (weights do not change
+speed). --quick (CPU): the real test model (SmolLM2-135M float32) at 4k and 8k tokens,
+budget 1024.
+
+Each run reads a prompt of N random tokens as mlx-lm does (chunks of --prefill-step, then
+the last token alone: its logits are the first token, so the prefill time is the time to
+first token), then decodes --decode-tokens tokens pipelined as mlx-lm's generate does.
+Every row is the median of --repeats runs (each on a new cache); the runs are recorded.
+Rows per length:
+- full KV: mlx-lm's KVCache;
+- the ceiling: a KVCache holding `budget` tokens (a context of --budget tokens), decode only;
+- TriAttention: the default settings (prompt_mode "whole": the prompt is held up to
+  prefill_limit = 4 x budget tokens and selected when it ends; longer prompts are
+  compressed in rounds of that size);
+- TriAttention chunked: prompt_mode "chunked", compressing after every chunk read (the
+  reference's behaviour and this package's 0.2 default), with a profiled run beside it
+  (every prune round synchronized and timed: scoring vs selection and compaction);
+- through mlx-lm's own path: full KV and TriAttention driven by mlx_lm.generate's
+  generate_step (what stream_generate and the CLI run), time to the first token yielded.
 """
 
 import argparse
@@ -27,164 +32,201 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import KVCache
 
 from bench.common import RESULTS, plot, write_json
 from bench.kernels import qwen3_8b_4bit
 from triattn_mlx import cache_report, make_prompt_cache
 
 
-def prefill(model, cache, N, prefill_step=1024):
-    tokens = mx.array(np.random.default_rng(0).integers(0, 1000, N + 1, dtype=np.int32))
-    for start in range(0, N, prefill_step):
-        logits = model(tokens[None, start : min(start + prefill_step, N)], cache=cache)
-        mx.eval(logits, [c.keys for c in cache])
-    return tokens[N:][None]
+def prompt_tokens(N, seed=0):
+    return mx.array(np.random.default_rng(seed).integers(0, 1000, N, dtype=np.int32))
 
 
-def timed_prefill(model, cache, N, prefill_step):
-    """Prefill time and peak memory (from the cache's creation)."""
+def time_to_first_token(model, cache, tokens, prefill_step):
+    """Read `tokens` as mlx-lm's generate_step does (chunks, then the last token alone):
+    (the first token [1, 1], seconds)."""
     mx.synchronize()
-    mx.reset_peak_memory()
     start = time.perf_counter()
-    y = prefill(model, cache, N, prefill_step)
-    seconds = time.perf_counter() - start
-    return y, {"prefill_s": seconds, "prefill_tok_s": N / seconds, "prefill_peak_bytes": mx.get_peak_memory()}
+    N = tokens.size
+    for at in range(0, N - 1, prefill_step):
+        model(tokens[None, at : min(at + prefill_step, N - 1)], cache=cache)
+        mx.eval([c.state for c in cache])
+    y = model(tokens[None, N - 1 :], cache=cache)[:, -1:].argmax(-1)
+    mx.eval(y)
+    return y, time.perf_counter() - start
 
 
-def run(model, cache, N, decode_tokens, prefill_step=1024, segments=3):
-    """Decode rate, pipelined as mlx-lm's generate does (one step in flight): the median of
-    `segments` equal stretches of the decode (single runs on a shared GPU spread widely)."""
-    y, measured = timed_prefill(model, cache, N, prefill_step)
-    rounds = cache_report(cache)["prune_rounds"]
-    rates = []
-    for _ in range(segments):
-        mx.synchronize()
-        start = time.perf_counter()
-        for _ in range(decode_tokens // segments):
-            y = model(y, cache=cache)[:, -1:].argmax(-1)
-            mx.async_eval(y)
-        mx.eval(y)
-        rates.append(decode_tokens // segments / (time.perf_counter() - start))
-    report = cache_report(cache)
-    return {**measured, "decode_tok_s": float(np.median(rates)), "segment_tok_s": rates,
-            "peak_bytes": mx.get_peak_memory(), "kv_bytes": report["kv_bytes"],
-            "prune_rounds": report["prune_rounds"] - rounds}
-
-
-def run_per_step(model, cache, N, decode_tokens, prefill_step=1024):
-    """Prune share: every step synchronized and timed; steps that ran a prune round cost
-    their excess over the median of the others."""
-    y = prefill(model, cache, N, prefill_step)
-    times, pruned = [], []
-    for _ in range(decode_tokens):
-        rounds = cache_report(cache)["prune_rounds"]
-        start = time.perf_counter()
+def decode_rate(model, cache, y, steps):
+    """Tokens per second over `steps` greedy steps, one step in flight (mlx-lm's pipelining)."""
+    mx.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
         y = model(y, cache=cache)[:, -1:].argmax(-1)
-        mx.eval(y)
-        times.append(time.perf_counter() - start)
-        pruned.append(cache_report(cache)["prune_rounds"] > rounds)
-    times, pruned = np.array(times), np.array(pruned)
-    base = float(np.median(times[~pruned]))
-    excess = float((times[pruned] - base).sum())
-    return {"decode_tok_s": decode_tokens / times.sum(), "prune_rounds": int(pruned.sum()),
-            "step_median_s": base, "prune_round_s": excess / max(1, pruned.sum()),
-            "prune_share": excess / float(times.sum()), "kv_bytes": cache_report(cache)["kv_bytes"]}
+        mx.async_eval(y)
+    mx.eval(y)
+    return steps / (time.perf_counter() - start)
+
+
+def one_run(model, cache, N, decode_tokens, prefill_step):
+    mx.reset_peak_memory()
+    y, ttft = time_to_first_token(model, cache, prompt_tokens(N), prefill_step)
+    prefill_peak = mx.get_peak_memory()
+    rate = decode_rate(model, cache, y, decode_tokens)
+    report = cache_report(cache)
+    return {"prefill_s": ttft, "decode_tok_s": rate, "prefill_peak_bytes": prefill_peak,
+            "peak_bytes": mx.get_peak_memory(), "kv_bytes": report["kv_bytes"], "prune_rounds": report["prune_rounds"],
+            "prune_seconds": report["prune_seconds"], "prune_phases": report["prune_phases"]}
+
+
+def measured(model, make, N, decode_tokens, prefill_step, repeats):
+    """Medians over `repeats` runs, each on a new cache; every run kept."""
+    runs = []
+    for _ in range(repeats):
+        cache = make()
+        runs.append(one_run(model, cache, N, decode_tokens, prefill_step))
+        del cache
+        mx.clear_cache()
+    row = {k: float(np.median([r[k] for r in runs])) for k in ("prefill_s", "decode_tok_s", "prefill_peak_bytes",
+                                                               "peak_bytes", "kv_bytes")}
+    return {**row, "prune_rounds": runs[0]["prune_rounds"], "prune_seconds": runs[0]["prune_seconds"],
+            "prune_phases": runs[0]["prune_phases"], "runs": runs}
+
+
+def through_mlx_lm(model, make, N, decode_tokens, prefill_step):
+    """mlx-lm's generate_step (stream_generate's engine): time to the first token it yields,
+    then the rate of the rest."""
+    cache = make()
+    mx.synchronize()
+    start = time.perf_counter()
+    steps = generate_step(prompt_tokens(N), model, prompt_cache=cache, prefill_step_size=prefill_step,
+                          max_tokens=decode_tokens + 1)
+    next(steps)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    n = sum(1 for _ in steps)
+    return {"prefill_s": ttft, "decode_tok_s": n / (time.perf_counter() - start),
+            "kv_bytes": cache_report(cache)["kv_bytes"]}
 
 
 def test_model():
     """The real test model (SmolLM2-135M, float32) and stats calibrated on other text."""
     import mlx_lm
+    from support.models import smollm2_model_dir
 
     from triattn_mlx import calibrate
-    from triattn_mlx.testing import code_text, smollm2_model_dir
+    from triattn_mlx.corpus import code_text
 
     model, tokenizer = mlx_lm.load(str(smollm2_model_dir("float32")))
     return model, calibrate(model, tokenizer.encode(code_text())[:2048], source="inspect.py")
 
 
-QUICK = dict(lengths=[1024, 4096], budget=512, decode_tokens=32, prefill_step=512)
-FULL = dict(lengths=[8192, 32768, 65536], budget=4096, decode_tokens=512, prefill_step=1024)
+QUICK = dict(lengths=[4096, 8064], budget=1024, decode_tokens=64, prefill_step=2048, repeats=3)
+FULL = dict(lengths=[16384, 32768, 65536, 131072], budget=4096, decode_tokens=256, prefill_step=2048, repeats=3)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CPU, the real test model at 1k and 4k tokens")
+    parser.add_argument("--quick", action="store_true", help="CPU, the real test model at 4k and 8k tokens")
     parser.add_argument("--lengths", type=int, nargs="+")
     parser.add_argument("--budget", type=int)
     parser.add_argument("--decode-tokens", type=int)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--rows", nargs="+", help="row names to run (default: all)")
+    parser.add_argument("--name", help="results file name (default: speed or speed-quick)")
     parser.add_argument("--output", default=None, help="results folder (default: results/cpu with --quick, "
                                                        "else results/)")
     args = parser.parse_args()
     sizes = {**(QUICK if args.quick else FULL), **{k: v for k, v in (
-        ("lengths", args.lengths), ("budget", args.budget), ("decode_tokens", args.decode_tokens)) if v}}
-    budget, decode_tokens, step = sizes["budget"], sizes["decode_tokens"], sizes["prefill_step"]
+        ("lengths", args.lengths), ("budget", args.budget), ("decode_tokens", args.decode_tokens),
+        ("repeats", args.repeats)) if v}}
+    budget, decode_tokens, step, repeats = (sizes[k] for k in ("budget", "decode_tokens", "prefill_step", "repeats"))
     if args.quick:
         model, stats = test_model()
-        name, folder = "speed-quick", Path(args.output or RESULTS / "cpu")
+        name, folder = args.name or "speed-quick", Path(args.output or RESULTS / "cpu")
     else:
         model, stats = qwen3_8b_4bit(), "stats/qwen3-8b.safetensors"
-        name, folder = "speed", Path(args.output or RESULTS)
-    ceiling = f"full KV at {budget} tokens of context (ceiling)"
-    below = f"full KV at {budget - decode_tokens} tokens of context"  # stays <= budget
-    slots = f"TriAttention {budget - 128} ({budget} slots)"
-    methods = {
-        "full KV": lambda: [KVCache() for _ in model.layers],
-        ceiling: lambda: [KVCache() for _ in model.layers],
-        below: lambda: [KVCache() for _ in model.layers],
-        "QuantizedKVCache 8-bit": lambda: [QuantizedKVCache(bits=8) for _ in model.layers],
-        "QuantizedKVCache 4-bit": lambda: [QuantizedKVCache(bits=4) for _ in model.layers],
-        f"RotatingKVCache({budget})": lambda: [RotatingKVCache(budget, keep=4) for _ in model.layers],
-        f"TriAttention {budget}": lambda: make_prompt_cache(model, budget, stats=stats),
-        slots: lambda: make_prompt_cache(model, budget - 128, stats=stats),
-        f"TriAttention {budget} 4-bit": lambda: make_prompt_cache(model, budget, stats=stats, kv_bits=4),
-        # The same, each step synchronized and timed: gives the prune share.
-        f"TriAttention {budget} (per-step timing)": lambda: make_prompt_cache(model, budget, stats=stats),
+        name, folder = args.name or "speed", Path(args.output or RESULTS)
+    full = lambda: [KVCache() for _ in model.layers]  # noqa: E731
+    tri = lambda **kw: lambda: make_prompt_cache(model, budget, stats=stats, **kw)  # noqa: E731
+    rows_wanted = {
+        "full KV": (full, "measured"),
+        "ceiling": (full, "ceiling"),
+        "TriAttention": (tri(), "measured"),
+        "TriAttention chunked": (tri(prompt_mode="chunked"), "measured"),
+        "TriAttention chunked (profiled)": (tri(prompt_mode="chunked", measure_prune_time=True), "once"),
+        "full KV (mlx-lm generate_step)": (full, "mlx-lm"),
+        "TriAttention (mlx-lm generate_step)": (tri(), "mlx-lm"),
     }
-    left_out = {slots} if budget - 128 <= 128 else set()  # the default window (128) must fit in it
-    if args.quick:  # under 10 minutes: the GPU run's extra ceiling and variant rows left out
-        left_out |= {below, slots, f"TriAttention {budget} 4-bit"}
-    methods = {label: make for label, make in methods.items() if label not in left_out}
+    if args.rows:
+        rows_wanted = {k: v for k, v in rows_wanted.items() if k in args.rows}
+    # Compile (JIT) every kernel the rows use, prune rounds included, before any timing
+    for make in (full, tri(), tri(prompt_mode="chunked")):
+        one_run(model, make(), 4 * budget + 512, 8, step)
     rows = []
-    # Compile (JIT) the kernels every row uses, prune rounds included, before any timing
-    run(model, [KVCache() for _ in model.layers], 512, 6)
-    run(model, make_prompt_cache(model, 256, stats=stats), 512, 6)
     for N in sizes["lengths"]:
-        for label, make in methods.items():
-            if args.quick and "Quantized" in label and N != sizes["lengths"][0]:
-                continue  # its CPU prefill runs at ~16 tok/s at 4k: measured at the first length only
-            cache = make()
-            measure = run_per_step if "per-step" in label else run
-            context = {ceiling: budget, below: budget - decode_tokens}.get(label, N)
+        for label, (make, kind) in rows_wanted.items():
             try:
-                row = {"N": N, "method": label, "context": context,
-                       **measure(model, cache, context, decode_tokens, prefill_step=step)}
-            except RuntimeError as error:  # e.g. MLX CUDA lacks quantized attention's matmul shapes
-                row = {"N": N, "method": label, "error": str(error).splitlines()[0]}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            # Written after every row: a later out-of-memory keeps what was measured.
+                if kind == "ceiling":  # a budget-sized context: what decoding at the budget costs at best
+                    row = measured(model, make, budget, decode_tokens, step, repeats)
+                elif kind == "once":
+                    row = measured(model, make, N, decode_tokens, step, 1)
+                elif kind == "mlx-lm":
+                    row = through_mlx_lm(model, make, N, decode_tokens, step)
+                else:
+                    row = measured(model, make, N, decode_tokens, step, repeats)
+            except RuntimeError as error:  # out of memory, a backend lacking a kernel
+                row = {"error": str(error).splitlines()[0]}
+            rows.append({"N": N, "method": label, **row})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "runs"}), flush=True)
             write_json(name, {"args": {**vars(args), **sizes}, "device": str(mx.default_device()), "rows": rows,
+                              "ratios": ratios(rows),
                               "model_dtype": str(model.model.norm.weight.dtype).split(".")[-1]}, folder)
-            del cache
             mx.clear_cache()
     plot_speed(rows, folder=folder, name=name,
                title="SmolLM2-135M float32 (CPU)" if args.quick else "Qwen3-8B-shaped 4-bit model")
 
 
+def ratios(rows):
+    """Per length: TriAttention's time to first token over full KV's, and its decode rate
+    over the ceiling's."""
+    out = {}
+    for N in sorted({r["N"] for r in rows}):
+        by = {r["method"]: r for r in rows if r["N"] == N and "error" not in r}
+        entry = {}
+        for label in ("TriAttention", "TriAttention chunked", "TriAttention (mlx-lm generate_step)"):
+            base = "full KV (mlx-lm generate_step)" if "mlx-lm" in label else "full KV"
+            if label in by and base in by:
+                entry[f"{label}: prefill / full"] = by[label]["prefill_s"] / by[base]["prefill_s"]
+            if label in by and "ceiling" in by:
+                entry[f"{label}: decode / ceiling"] = by[label]["decode_tok_s"] / by["ceiling"]["decode_tok_s"]
+        out[str(N)] = entry
+    return out
+
+
 def plot_speed(rows, name="speed", title="Qwen3-8B-shaped 4-bit model", **kwargs):
-    """Decode tok/s vs context per method (rows that failed, e.g. unsupported on the
-    backend, are left out)."""
-    with plot(name, **kwargs) as (fig, ax):
-        for name in dict.fromkeys(r["method"] for r in rows if "per-step" not in r["method"]):
-            pts = [(r["N"], r["decode_tok_s"]) for r in rows if r["method"] == name and "decode_tok_s" in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("decode tok/s (batch 1)")
-        ax.set_title(title)
-        ax.legend()
+    """Time to first token and decode tok/s vs context, per row (failed rows left out)."""
+    with plot(name, **kwargs) as (fig, _):
+        fig.clf()
+        fig.set_size_inches(11, 4.5)
+        ttft, decode = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        for label in dict.fromkeys(r["method"] for r in rows):
+            pts = [(r["N"], r["prefill_s"], r["decode_tok_s"]) for r in rows
+                   if r["method"] == label and "error" not in r]
+            if not pts or "profiled" in label:
+                continue
+            Ns, prefill, rate = zip(*pts)
+            if label != "ceiling":
+                ttft.plot(Ns, prefill, marker="o", label=label)
+            decode.plot(Ns, rate, marker="o", label=label, linestyle="--" if label == "ceiling" else "-")
+        for ax, ylabel in ((ttft, "time to first token (s)"), (decode, "decode tok/s (batch 1)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("prompt length (tokens)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=7)
+
 
 if __name__ == "__main__":
     main()

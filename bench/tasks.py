@@ -66,18 +66,17 @@ import sys
 import time
 from pathlib import Path
 
-import triattn_mlx  # first: OpenBLAS preload on Linux, before mlx
 import mlx.core as mx
 import mlx_lm.models.cache as mlx_cache
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 from tqdm import tqdm
 
+import triattn_mlx  # first: OpenBLAS preload on Linux, before mlx
 from bench.common import RESULTS, plot, write_json
 from support import tasks  # the repository's support/ (not installed): run from the repository root
-from triattn_mlx.cache import cache_report
+from triattn_mlx import cache_report, remove_taps
 from triattn_mlx.loading import resolve_stats
-from triattn_mlx.stats import RopeTap, remove_query_recorders
 
 METHODS = {  # key -> label, in the order runs and figures show them
     "full": "full attention",
@@ -143,7 +142,7 @@ def mlx_ignores_max_kv_size(model):
 
 def cleanup(model):
     """Take off any rope taps a cache installed (attention-scored baselines, stats='self')."""
-    remove_query_recorders(model, RopeTap)
+    remove_taps(model)
 
 
 def runnable(model, methods, budget, stats, log=print):
@@ -167,6 +166,40 @@ def runnable(model, methods, budget, stats, log=print):
 
 
 GREEDY = make_sampler(temp=0.0)
+TAIL = 64  # prompt tokens every run reads itself after a shared prefill: the question, the template
+
+
+def reads_like_full_attention(caches, prompt_tokens):
+    """Whether these caches hold every token of a prompt this long until its last one
+    arrives (full KVCaches; compressed caches whose prompt_mode holds the prompt whole):
+    then reading the prompt costs what full attention's prefill costs and computes the
+    same keys, so one shared full-attention prefill serves them all (shared_prefill)."""
+    for c in caches:
+        if isinstance(c, triattn_mlx.TriAttentionKVCache):
+            limit = c.settings.reading_limit
+            if limit is not None and limit < prompt_tokens:
+                return False
+        elif type(c) is not mlx_cache.KVCache:
+            return False
+    return True
+
+
+def shared_prefill(model, prompt, prefill_step_size):
+    """Full attention's keys and values of `prompt` per layer (read in mlx-lm's chunks),
+    and the seconds it took."""
+    start, full = time.perf_counter(), [mlx_cache.KVCache() for _ in model.layers]
+    for at in range(0, len(prompt), prefill_step_size):
+        model(mx.array(prompt[at : at + prefill_step_size])[None], cache=full)
+        mx.eval([(c.keys, c.values) for c in full])
+    return [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in full], time.perf_counter() - start
+
+
+def load_prefill(caches, prefill):
+    """Feed a shared prefill's keys and values to caches that read it as full attention
+    would (one call per layer, several tokens: a prompt being read)."""
+    for cache, (keys, values) in zip(caches, prefill):
+        cache.update_and_fetch(keys, values)
+    mx.eval([c.state for c in caches])
 
 
 def generate(model, tokenizer, prompt, caches, max_tokens, prefill_step_size, stop=None):
@@ -292,7 +325,7 @@ def run_task(task, model, tokenizer, stats, sizes, methods, prefill_step_size=20
     methods, skipped = runnable(model, methods, first_budget, stats, log)
     runs = [(item, method, budget) for item in items for method in methods
             for budget in ([None] if method == "full" else budgets)]
-    rows, result = [], {}
+    rows, result, shared = [], {}, {}  # shared: item id -> (full-attention prefill of prompt[:-TAIL], seconds)
     public = [{k: v for k, v in item.items() if not k.startswith("_") and k != "prompt"}
               | {"prompt_tokens": len(item["prompt"])} for item in items]
     bar = tqdm(runs, desc=task, unit="run", dynamic_ncols=True, file=sys.stderr)
@@ -303,8 +336,20 @@ def run_task(task, model, tokenizer, stats, sizes, methods, prefill_step_size=20
         bar.set_postfix_str(f"{item['id']} {METHODS[method]}" + ("" if tokens is None else f" @{tokens}"))
         try:
             caches = method_caches(model, method, tokens, stats)
-            run = generate(model, tokenizer, item["prompt"], caches, sizes["max_tokens"], prefill_step_size,
+            prompt, prefill_seconds = item["prompt"], 0.0
+            if len(prompt) > 2 * TAIL and reads_like_full_attention(caches, len(prompt)):
+                if item["id"] not in shared:
+                    shared.clear()  # items run one after another: keep one prefill in memory
+                    shared[item["id"]] = shared_prefill(model, prompt[:-TAIL], prefill_step_size)
+                prefill, prefill_seconds = shared[item["id"]]
+                load_prefill(caches, prefill)
+                prompt = prompt[-TAIL:]
+            run = generate(model, tokenizer, prompt, caches, sizes["max_tokens"], prefill_step_size,
                            lambda text, item=item: stop(item, text))
+            if prefill_seconds:  # as if run alone: the shared prefill is part of its wall time
+                run.update(shared_prefill_seconds=round(prefill_seconds, 3),
+                           seconds=round(run["seconds"] + prefill_seconds, 3),
+                           prefill_seconds=round(run["prefill_seconds"] + prefill_seconds, 3))
         except Exception as e:  # a compressed cache that cannot run here: one line, the others go on
             if method == "full":
                 raise

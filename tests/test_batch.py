@@ -50,20 +50,25 @@ def assert_same_cache(batch_layers, alone_layers):
             np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["per_head", "per_layer_per_head"])
-def test_each_sequence_keeps_and_generates_what_it_would_alone(model_and_stats, mode):
+@pytest.mark.parametrize("mode, prompt_mode", [("per_head", "chunked"), ("per_layer_per_head", "chunked"),
+                                               ("per_head", "whole"), ("per_layer_per_head", "keep")])
+def test_each_sequence_keeps_and_generates_what_it_would_alone(model_and_stats, mode, prompt_mode):
     """4 prompts of different lengths, leaving the batch at different steps."""
     model, stats = model_and_stats
     max_tokens = [20, 8, 30, 14]
-    caches = [make_prompt_cache(model, stats=stats, pruning_mode=mode, **SETTINGS) for _ in LENGTHS]
+    options = dict(SETTINGS, pruning_mode=mode, prompt_mode=prompt_mode)
+    caches = [make_prompt_cache(model, stats=stats, **options) for _ in LENGTHS]
     result = batch_generate(model, Tokenizer(), prompts(), prompt_caches=caches, max_tokens=max_tokens,
                             prefill_step_size=PREFILL, return_prompt_caches=True)
     for prompt, n, text, batch_cache in zip(prompts(), max_tokens, result.texts, result.caches):
-        cache = make_prompt_cache(model, stats=stats, pruning_mode=mode, **SETTINGS)
+        cache = make_prompt_cache(model, stats=stats, **options)
         tokens = alone(model, cache, prompt, n)
         assert text == Tokenizer().decode(tokens)
         assert_same_cache(batch_cache, cache)
-    assert any(c.prune_rounds > 0 for c in result.caches[0])
+    if prompt_mode == "keep":  # 20 tokens past a 300-token prompt: nothing was evictable
+        assert result.caches[0][0].size() == LENGTHS[0] + max_tokens[0]
+    else:
+        assert any(c.prune_rounds > 0 for c in result.caches[0])
 
 
 def test_sequences_joining_a_running_batch(model_and_stats):

@@ -13,6 +13,8 @@ import math
 import mlx.core as mx
 import numpy as np
 
+from .selection import zscore
+
 
 def random_scores(keys, positions, offset):
     """Random eviction: the floor any method must clear. Seeded by the offset, so a rerun
@@ -97,16 +99,42 @@ class SnapKVScorer:
         if self.recorder.recent is None:
             raise RuntimeError("SnapKV scoring found no recorded queries: is the model's rope tapped "
                                "(make_prompt_cache installs the taps for this method)?")
-        queries = self.recorder.recent[:, :, -self.window :]
-        q_pos = mx.arange(offset - queries.shape[2], offset)
-        probs = attention_probs(queries, keys, q_pos, positions).mean(axis=2)  # [B, H, N]
-        return pool1d(probs, self.kernel, "max")
+        return observation_scores(self.recorder.recent[:, :, -self.window :], keys, positions, offset, self.kernel)
 
     def __call__(self, keys, positions, offset):
         return self.importance(keys, positions, offset)
 
     def __deepcopy__(self, memo):
         return self  # stateless apart from the model's recorder
+
+
+def observation_scores(queries, keys, positions, offset, kernel=7):
+    """SnapKV's signal: attention of an observation window (the queries at positions
+    [offset - M, offset)) over the held keys, averaged over the window and max-pooled along
+    the sequence: queries [B, H, M, D], keys [B, H_kv, N, D] -> [B, H, N]."""
+    q_pos = mx.arange(offset - queries.shape[2], offset)
+    return pool1d(attention_probs(queries, keys, q_pos, positions).mean(axis=2), kernel, "max")
+
+
+class QueryAwareScorer:
+    """A prompt's last queries vote beside a method's score: at the round that ends a prompt
+    (its observation window ends at the cache offset), z(score) + weight * z(observation),
+    per query head; in every other round, the method's score alone."""
+
+    takes_rows = True
+
+    def __init__(self, scorer, tap, window=32, weight=1.0):
+        self.scorer, self.tap, self.window, self.weight = scorer, tap, window, weight
+
+    def __call__(self, keys, positions, offset, rows=None):
+        raw = self.scorer(keys, positions, offset)
+        queries = self.tap.observed(offset, rows, self.window)
+        if queries is None:
+            return raw
+        return zscore(raw) + self.weight * zscore(observation_scores(queries, keys, positions, offset))
+
+    def __deepcopy__(self, memo):
+        return self  # the method's scorer and the model's tap: nothing of a sequence's own
 
 
 class RKVScorer(SnapKVScorer):

@@ -19,6 +19,8 @@ from .cache import TriAttentionKVCache
 from .groups import forming_group
 from .methods import Unsaveable, check_batchable
 
+ROW_FIELDS = ("_first", "_shift", "_garbage", "_trim_from", "_rounds", "_reading", "_prompt_end")  # per-row bookkeeping
+
 
 class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKVCache):
     _eval_on_compact = True  # each layer's compaction frees its old buffers before the next's
@@ -55,6 +57,8 @@ class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKV
         batch._shift = np.array([c.offset for c in caches], np.int64) - batch._idx
         batch._trim_from = batch._idx - np.array([c.trimmable_tokens for c in caches], np.int64)
         batch._rounds = np.array([c.prune_rounds for c in caches], np.int64)
+        batch._reading = np.array([c._reading is not None and bool(c._reading[0]) for c in caches])
+        batch._prompt_end = np.array([0 if c._prompt_end is None else int(c._prompt_end[0]) for c in caches], np.int64)
         batch._update_schedule()
         return batch
 
@@ -73,6 +77,7 @@ class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKV
         cache._idx = cache._stored = n
         cache._trim_from[:] = n - min(end - int(self._trim_from[idx]), n)
         cache._rounds[:] = self._rounds[idx]
+        cache._reading[:], cache._prompt_end[:] = self._reading[idx], self._prompt_end[idx]
         cache._update_schedule()
         return cache
 
@@ -140,7 +145,7 @@ class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKV
             self._trim_from = self._trim_from - start
             self._shift = self._shift + start
             self._idx = self._stored = content
-        for name in ("_first", "_shift", "_garbage", "_trim_from", "_rounds"):
+        for name in ROW_FIELDS:
             setattr(self, name, getattr(self, name)[idx])
         self._update_schedule()
 
@@ -154,7 +159,7 @@ class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKV
             self.keys, self.values, self.positions = (mx.concatenate(x, axis=0) for x in zip(*parts))
         for c in (self, other):  # each batch's bookkeeping, moved to slots ending at L
             c._first, c._trim_from, c._shift = c._first + L - c._idx, c._trim_from + L - c._idx, c._shift - L + c._idx
-        for name in ("_first", "_shift", "_garbage", "_trim_from", "_rounds"):
+        for name in ROW_FIELDS:
             setattr(self, name, np.concatenate([getattr(self, name), getattr(other, name)]))
         self._idx = self._stored = L
         self._update_schedule()

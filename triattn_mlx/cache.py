@@ -63,22 +63,32 @@ class TriAttentionKVCache(_BaseCache):
         self._garbage = None  # per row: right padding after its real tokens
         self._trim_from = None  # per row: slots from here are trimmable (in every head)
         self._rounds = None  # per row: prune rounds
+        self._reading = None  # per row: a prompt is being read (tokens arrive several per call)
+        self._prompt_end = None  # per row: position after the last prompt read (prompt_mode "keep")
+        self._reading_any = False
         self._pending = None  # right-padded prompt: real tokens still to come per row
         self._padded_input = False  # the next tokens may include padding: track them slot by slot
         self._due_at = settings.budget + settings.divide_length  # _idx at which a row is due
         # Timing a round needs two synchronizations per layer: off unless asked for.
         self.measure_prune_time, self.prune_seconds = measure_prune_time, 0.0
+        self.prune_phases = {"score": 0.0, "select_compact": 0.0}  # of prune_seconds, when measured
 
     def _init_rows(self, B, start=0):
         self._first, self._garbage = np.zeros(B, np.int64), np.zeros(B, np.int64)
         self._shift = np.full(B, start, np.int64)
         self._trim_from, self._rounds = np.zeros(B, np.int64), np.zeros(B, np.int64)
+        self._reading, self._prompt_end = np.zeros(B, bool), np.zeros(B, np.int64)
 
     # -- the mlx-lm cache surface ---------------------------------------------------------
     def update_and_fetch(self, keys, values):
+        N = keys.shape[2]
         self._append(keys, values)
         held = self._held()
-        if self._idx >= self._due_at:
+        if N > 1 or self._reading_any:  # a prompt chunk, or the single token that ends a prompt
+            due = self._prompt_due(N)
+            if due.any():
+                self._prune(due)
+        elif self._idx >= self._due_at:
             self._prune()
         return held
 
@@ -213,59 +223,100 @@ class TriAttentionKVCache(_BaseCache):
             self.positions[..., self._stored : self._idx] = self.token_positions()[..., self._stored :]
             self._stored = self._idx
 
+    def _prompt_due(self, N):
+        """Rows to prune after a prompt chunk (N > 1 tokens: while a prompt is read, rows over
+        the reading limit) or after the single token that ends a prompt (those rows prune to
+        their budget at once: the prompt's last queries vote now, settings.observe)."""
+        s = self.settings
+        real = self._idx - self._garbage - self._first
+        if N > 1:
+            self._reading[:], self._reading_any = True, True
+            limit = s.reading_limit
+            return real >= limit if limit is not None else np.zeros_like(self._reading)
+        ending = self._reading.copy()
+        self._reading[:], self._reading_any = False, False
+        self._prompt_end = np.where(ending, self._shift + self._idx - self._garbage, self._prompt_end)
+        self._update_schedule()
+        budgets = self._budgets()
+        return (real >= budgets + s.divide_length) | (ending & (real > budgets))
+
+    def _budgets(self):
+        """Tokens each row keeps after a round: the budget; with prompt_mode "keep", at least
+        its prompt and recent window (those are never evicted)."""
+        s = self.settings
+        if s.prompt_mode != "keep":
+            return np.full(len(self._first), s.budget)
+        return np.maximum(s.budget, self._prompt_end + s.window)
+
     def _update_schedule(self):
         """After rows changed: when the next row is due, and whether input may hold padding."""
         s = self.settings
-        self._due_at = int((self._first + self._garbage).min(initial=0)) + s.budget + s.divide_length
+        self._due_at = int((self._first + self._garbage + self._budgets()).min(initial=0)) + s.divide_length
         self._padded_input = self._pending is not None or bool((self._shift + self._idx < 0).any())
+        self._reading_any = bool(self._reading.any())
 
-    def _due_views(self):
-        """Rows due for pruning, grouped by where their real tokens lie: {(start, end,
-        offset): (rows, keys, positions)}, keys/positions [len(rows), H_kv, end - start, ...].
+    def _due_views(self, due=None):
+        """Rows due for pruning (`due`, else those at budget + divide_length), grouped by where
+        their real tokens lie and what they keep: {(start, end, offset, budget, protected
+        below): (rows, keys, positions)}, keys/positions [len(rows), H_kv, end - start, ...].
         Rows in step (a single sequence, a batch in step) are scored in one call."""
         s = self.settings
         ends = self._idx - self._garbage
+        budgets = self._budgets()
+        if due is None:
+            due = ends - self._first >= budgets + s.divide_length
+        below = np.maximum(s.sinks, self._prompt_end if s.prompt_mode == "keep" else np.zeros_like(self._first))
         groups = {}
-        for b in np.flatnonzero(ends - self._first >= s.budget + s.divide_length):
+        for b in np.flatnonzero(due):
             start, end = int(self._first[b]), int(ends[b])
-            groups.setdefault((start, end, int(self._shift[b]) + end), []).append(int(b))
+            key = (start, end, int(self._shift[b]) + end, int(budgets[b]), int(below[b]))
+            groups.setdefault(key, []).append(int(b))
         positions = self.token_positions()
         views = {}
-        for (start, end, offset), rows in groups.items():
+        for key, rows in groups.items():
+            start, end = key[:2]
             keys, held = self._scoring_keys(start, end), positions[..., start:end]
             if len(rows) < len(self._first):
                 index = mx.array(rows)
                 keys = tree_map(lambda x: mx.take(x, index, axis=0), keys)
                 held = mx.take(held, index, axis=0)
-            views[(start, end, offset)] = (rows, keys, held)
+            views[key] = (rows, keys, held)
         return views
 
-    def _prune(self):
-        views = self._due_views()
-        if self.measure_prune_time:
+    def _prune(self, due=None):
+        views = self._due_views(due)
+        timed = self.measure_prune_time
+        if timed:
             mx.eval([v[1:] for v in views.values()])  # what the forward pass owes is not scoring time
         start = time.perf_counter()
         n_kv = first(self.keys).shape[1]
-        scores = {key: head_scores(self.scorer(keys, positions, key[2]), n_kv)
-                  for key, (_, keys, positions) in views.items()}
-        if self._eval_on_compact:
+        scores = {key: head_scores(self._score(keys, positions, key[2], rows), n_kv)
+                  for key, (rows, keys, positions) in views.items()}
+        if self._eval_on_compact or timed:
             mx.eval(list(scores.values()))  # frees the scored copies before the next layer makes its own
+        scored = time.perf_counter()
         if self.group is not None:
-            if self.measure_prune_time:
-                mx.eval(list(scores.values()))
-                self.prune_seconds += time.perf_counter() - start
-            self.group.submit(self, scores, views)
-            return
-        self._compact(self._select(views, scores))
-        if self.measure_prune_time:
-            mx.eval(self.keys, self.values, self.positions)
-            self.prune_seconds += time.perf_counter() - start
+            self.group.submit(self, scores, views)  # the last layer to submit compacts them all
+        else:
+            self._compact(self._select(views, scores))
+        if timed:
+            members = self.group.members if self.group is not None else [self]
+            mx.eval([(m.keys, m.values, m.positions) for m in members])
+            end = time.perf_counter()
+            self.prune_phases["score"] += scored - start
+            self.prune_phases["select_compact"] += end - scored
+            self.prune_seconds += end - start
+
+    def _score(self, keys, positions, offset, rows):
+        if getattr(self.scorer, "takes_rows", False):  # a scorer reading per-row model state
+            return self.scorer(keys, positions, offset, rows=rows)
+        return self.scorer(keys, positions, offset)
 
     def _select(self, views, scores):
         """[(rows, start, keep)]: keep [len(rows), H_kv, budget] indices into the rows' slots
         from `start`."""
-        s = self.settings
-        return [(rows, key[0], select_tokens(scores[key], positions, key[2], s.budget, s.window, s.sinks))
+        window = self.settings.window
+        return [(rows, key[0], select_tokens(scores[key], positions, key[2], key[3], window, key[4]))
                 for key, (rows, _, positions) in views.items()]
 
     def _compact(self, selected, drop_garbage=False):
@@ -319,12 +370,14 @@ class TriAttentionKVCache(_BaseCache):
         held = None if self.keys is None else (*self._held(), self.token_positions())
         group = None if self.group is None else f"{self.group.id}:{len(self.group.members)}"
         return {"tokens": held, "settings": self.settings.to_list(),
-                "rows": [self.offset, self.trimmable_tokens, self.prune_rounds],
+                "rows": [self.offset, self.trimmable_tokens, self.prune_rounds,
+                         0 if self._prompt_end is None else int(self._prompt_end[0]),
+                         0 if self._reading is None else int(self._reading[0])],
                 "group": group, "scorer": saved_scorer(self.scorer)}
 
     @state.setter
     def state(self, v):
-        offset, trimmable, rounds = (int(x) for x in v["rows"])
+        offset, trimmable, rounds, prompt_end, reading = (int(x) for x in v["rows"])
         settings = Settings.from_list(v["settings"])
         group = None
         if v["group"] is not None:
@@ -340,6 +393,7 @@ class TriAttentionKVCache(_BaseCache):
             self._idx = self._stored = n
             self._trim_from[:] = n - trimmable
             self._rounds[:] = rounds
+            self._prompt_end[:], self._reading[:] = prompt_end, bool(reading)
             self._update_schedule()
 
 

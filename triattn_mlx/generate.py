@@ -86,7 +86,7 @@ def format_report(report):
         f"KV cache: {report['tokens_kept']} of {report['tokens_seen']} tokens kept per head "
         f"(budget {report['budget']}, {report['method']}), {report['kv_bytes'] / mb:.1f} MB vs "
         f"{report['full_kv_bytes'] / mb:.1f} MB for a full cache\n"
-        f"Prune rounds: {report['prune_rounds']}, {report['prune_seconds']:.3f} s in total"
+        f"Prune rounds: {report['prune_rounds']}"
     )
 
 
@@ -113,7 +113,7 @@ class Run:
         else:
             log = lambda m: print(m, file=sys.stderr)  # noqa: E731
             stats = stats_for(model, self.args, self.settings, log)
-            compress(model, self.settings, stats=stats, measure_prune_time=True)
+            compress(model, self.settings, stats=stats)
         self.model = model
         return (model, *rest)
 

@@ -1,8 +1,16 @@
 """Each method's scorer for a model's layers, and a saved cache's scorer back."""
 
-from .baselines import H2OScorer, RKVScorer, SnapKVScorer, key_norm_scores, random_scores, recency_scores
+from .baselines import (
+    H2OScorer,
+    QueryAwareScorer,
+    RKVScorer,
+    SnapKVScorer,
+    key_norm_scores,
+    random_scores,
+    recency_scores,
+)
 from .scoring import SelfCalibratedScorer, TriAttentionScorer
-from .taps import install_query_recorders, install_recent_queries
+from .taps import install_prompt_queries, install_query_recorders, install_recent_queries
 
 STATELESS = {"streamingllm": recency_scores, "key_norm": key_norm_scores, "random": random_scores}
 # These read the model's live queries (RecentQueries taps on its ropes): their caches can
@@ -23,9 +31,19 @@ class Unsaveable:
         return self.reason
 
 
-def layer_scorers(model, method, stats, infos):
+def layer_scorers(model, settings, stats, infos):
     """{layer index: scorer} for the layers in `infos` ({index: AttentionInfo}, read before
-    any tap is installed). stats: a Stats object or "self" (triattention only)."""
+    any tap is installed). stats: a Stats object or "self" (triattention only). With
+    settings.observe, TriAttention's scorers also hear the prompt's last queries."""
+    scorers = method_scorers(model, settings.method, stats, infos)
+    if settings.method != "triattention" or settings.observe == 0:
+        return scorers
+    taps = install_prompt_queries(model, settings.observe)
+    return {i: QueryAwareScorer(scorer, taps[i], settings.observe, settings.observe_weight)
+            for i, scorer in scorers.items()}
+
+
+def method_scorers(model, method, stats, infos):
     if method in STATELESS:
         return {i: STATELESS[method] for i in infos}
     if method in ATTENTION:
@@ -39,6 +57,8 @@ def layer_scorers(model, method, stats, infos):
 
 
 def method_name(scorer):
+    if isinstance(scorer, QueryAwareScorer):
+        scorer = scorer.scorer
     if isinstance(scorer, TriAttentionScorer):
         return "triattention"
     for name, fn in STATELESS.items():
@@ -54,7 +74,7 @@ def saved_scorer(scorer):
     """What a cache's state holds of its scorer."""
     name = method_name(scorer)
     if name == "triattention":
-        return {"method": name, **scorer.state}
+        return {"method": name, **getattr(scorer, "scorer", scorer).state}
     if name in STATELESS:
         return {"method": name}
     what = f"the {name} method reads the model's live queries" if name else f"its scorer {scorer!r} is custom"
@@ -73,7 +93,7 @@ def restore_scorer(saved):
 
 def check_batchable(scorer):
     """Refuse, clearly, a scorer whose caches cannot share a batch."""
-    if isinstance(scorer, SelfCalibratedScorer):
+    if isinstance(getattr(scorer, "scorer", scorer), SelfCalibratedScorer):
         raise ValueError("caches with self-calibrated stats ('self') cannot be batched: each sequence "
                          "would need its own query centers; calibrate once (python -m "
                          "triattn_mlx.calibrate) and pass the stats file")

@@ -50,7 +50,7 @@ def make_prompt_cache(model, settings=None, *, stats=None, scorer_factory=None, 
     if scorer_factory is not None:
         scorers = {i: scorer_factory(i, info) for i, info in infos.items()}
     else:
-        scorers = layer_scorers(model, settings.method, resolve(stats, model, settings.method), infos)
+        scorers = layer_scorers(model, settings, resolve(stats, model, settings.method), infos)
     group = SharedSelection() if settings.pruning_mode == "per_head" else None
     kind = TriAttentionKVCache if settings.kv_bits is None else QuantizedTriAttentionKVCache
     caches = list(base)
@@ -155,4 +155,5 @@ def cache_report(caches):
         "full_kv_bytes": full,
         "prune_rounds": max((c.prune_rounds for c in ours), default=0),
         "prune_seconds": sum(c.prune_seconds for c in ours),
+        "prune_phases": {k: sum(c.prune_phases[k] for c in ours) for k in ("score", "select_compact")},
     }

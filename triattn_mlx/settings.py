@@ -10,6 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 
 PRUNING_MODES = ("per_head", "per_layer_per_head")
+# How a prompt (tokens arriving several per call) is compressed:
+#   whole: read it whole (holding up to prefill_limit tokens), then select once, when its
+#          last token arrives, with the prompt's last queries voting (observe);
+#   chunked: compress it as it is read, chunk by chunk (the reference's behaviour);
+#   keep: never evict prompt tokens; only generated tokens are compressed.
+PROMPT_MODES = ("whole", "chunked", "keep")
 # "triattention": the calibrated trigonometric score (TRIATTENTION.md). The others are the
 # baselines, scored in the same cache and selected by the same code (baselines.py).
 METHODS = ("triattention", "streamingllm", "snapkv", "h2o", "rkv", "key_norm", "random")
@@ -32,6 +38,19 @@ class Settings:
     method: str = "triattention"
     kv_bits: int | None = None  # store kept tokens quantized (mlx-lm's QuantizedKVCache layout)
     kv_group_size: int = 64
+    prompt_mode: str = "chunked"
+    prefill_limit: int | None = None  # "whole": tokens held at most while reading (None: 4 x budget)
+    observe: int = 0  # last prompt queries whose attention votes at the prompt's end (0: none)
+    observe_weight: float = 1.0  # their z-scored attention's weight beside the method's score
+
+    @property
+    def reading_limit(self):
+        """Tokens a row may hold while a prompt is read before a round compresses it."""
+        if self.prompt_mode == "chunked":
+            return self.budget + self.divide_length
+        if self.prompt_mode == "keep":
+            return None  # nothing to evict while reading
+        return self.prefill_limit or 4 * self.budget
 
     def __post_init__(self):
         for name, low in (("budget", 1), ("window", 0), ("divide_length", 1), ("sinks", 0)):
@@ -47,6 +66,13 @@ class Settings:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.kv_bits is not None and self.kv_bits not in KV_BITS:
             raise ValueError(f"kv bits must be one of {', '.join(map(str, KV_BITS))}, got {self.kv_bits!r}")
+        if self.prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+        if self.prefill_limit is not None:
+            _check_int("prefill_limit", self.prefill_limit, self.budget + self.divide_length)
+        _check_int("observe", self.observe, 0)
+        if not isinstance(self.observe_weight, (int, float)) or self.observe_weight < 0:
+            raise ValueError(f"observe_weight must be a number >= 0, got {self.observe_weight!r}")
         if self.kv_group_size not in KV_GROUP_SIZES:
             raise ValueError(f"kv group size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, "
                              f"got {self.kv_group_size!r}")
@@ -62,7 +88,8 @@ class Settings:
     def from_list(cls, items):
         kinds = {f.name: f.type for f in dataclasses.fields(cls)}
         values = dict(item.split("=", 1) for item in items)
-        return cls(**{k: (None if v == "None" else v if kinds[k] is str else int(v))
+        parse = {str: str, float: float}
+        return cls(**{k: (None if v == "None" else parse.get(kinds[k], int)(v))
                       for k, v in values.items() if k in kinds})
 
 
@@ -97,6 +124,16 @@ def add_arguments(parser, stats_fallback):
     group.add_argument("--method", choices=METHODS, default=defaults.method,
                        help="how cached keys are scored: triattention (default) or a baseline "
                             "(streamingllm, snapkv, h2o, rkv, key_norm, random)")
+    group.add_argument("--prompt-mode", choices=PROMPT_MODES, default=defaults.prompt_mode,
+                       help="whole (default): read the prompt whole, then keep what its last queries "
+                            "attend to and what the method scores highest; chunked: compress while "
+                            "reading; keep: never evict the prompt, compress generated tokens only")
+    group.add_argument("--prefill-limit", type=int, default=None,
+                       help="whole: most tokens held while a prompt is read (default: 4 x budget); "
+                            "longer prompts are compressed in rounds as they are read")
+    group.add_argument("--observe", type=int, default=defaults.observe,
+                       help=f"last prompt queries whose attention votes at its end "
+                            f"(default: {defaults.observe}; 0: off)")
     group.add_argument("--stats", default="auto",
                        help="calibration stats: a .safetensors file, a Hugging Face repo id, or "
                             f"'auto' (shipped stats matching the model, else {stats_fallback})")
@@ -107,4 +144,5 @@ def from_args(args):
     """Settings from parsed CLI flags (ValueError with the flag's meaning if invalid)."""
     return Settings(budget=args.budget, window=args.window, divide_length=args.divide_length,
                     sinks=args.sinks, pruning_mode=args.pruning_mode, method=args.method,
-                    kv_bits=getattr(args, "kv_bits", None), kv_group_size=getattr(args, "kv_group_size", 64))
+                    kv_bits=getattr(args, "kv_bits", None), kv_group_size=getattr(args, "kv_group_size", 64),
+                    prompt_mode=args.prompt_mode, prefill_limit=args.prefill_limit, observe=args.observe)

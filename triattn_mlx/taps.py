@@ -21,8 +21,7 @@ class RopeTap:
     def __call__(self, x, *args, **kwargs):
         out = self.rope(x, *args, **kwargs)
         if self.calls % 2 == 0:
-            offset = kwargs.get("offset", args[0] if args else 0)
-            self.on_queries(x, out, offset if isinstance(offset, int) else None)
+            self.on_queries(x, out, kwargs.get("offset", args[0] if args else 0))  # int, or [B] for a batch
         self.calls += 1
         return out
 
@@ -78,7 +77,7 @@ class RecentQueries(RopeTap):
         self.pending, self.recent, self.recent_end = [], None, None
 
     def on_queries(self, pre_rope, rotated, offset):
-        self.pending.append((offset, rotated))
+        self.pending.append((offset if isinstance(offset, int) else None, rotated))
 
     def drain(self, offset):
         """Queries at positions [offset - M, offset) since the last drain ([B, H, M, D], the
@@ -100,6 +99,42 @@ class RecentQueries(RopeTap):
         return new
 
 
+class PromptQueries(RopeTap):
+    """The newest `keep` post-RoPE queries of the prompt being read (calls of several tokens,
+    and the single token that ends them), per row, with the position after them (`end`:
+    an int, or [B] for a batch). Decoding adds nothing, so after a prompt ends this is its
+    observation window until the next prompt."""
+
+    def __init__(self, rope, keep):
+        super().__init__(rope)
+        self.keep, self.window, self.end, self.reading = keep, None, None, False
+
+    def on_queries(self, pre_rope, rotated, offset):
+        N = rotated.shape[2]
+        if N == 1 and not self.reading:
+            return
+        self.reading = N > 1
+        start = offset if isinstance(offset, int) else np.array(offset, np.int64)
+        follows = self.window is not None and np.array_equal(self.end, start)
+        both = mx.concatenate([self.window, rotated], axis=2) if follows else rotated
+        # A copy, computed now: a lazy slice would keep the whole chunk's queries alive.
+        self.window = mx.contiguous(both[:, :, -self.keep :])
+        mx.async_eval(self.window)
+        self.end = start + N
+
+    def observed(self, offset, rows, n):
+        """The last n queries before `offset` of the given batch rows ([len(rows), H, n, D]),
+        or None when this tap's window does not end there (rows mid-padding, a decode round)."""
+        if self.window is None or self.window.shape[2] < n:
+            return None
+        ends = np.broadcast_to(np.asarray(self.end), (self.window.shape[0],))
+        rows = list(range(len(ends))) if rows is None else rows
+        if not (ends[rows] == offset).all():
+            return None
+        window = self.window if len(rows) == len(ends) else self.window[mx.array(rows)]
+        return window[:, :, -n:]
+
+
 def install(model, make):
     """Wrap every attention's rope: make(attention, its own rope) -> tap. {layer index: tap}."""
     taps = {}
@@ -113,6 +148,12 @@ def install(model, make):
 def install_query_recorders(model):
     """Wrap every attention's rope in a fresh QueryRecorder: {layer index: recorder}."""
     return install(model, lambda attn, rope: QueryRecorder(rope, attention_info(attn)))
+
+
+def install_prompt_queries(model, keep):
+    """A PromptQueries tap on every attention's rope: {layer index: tap}."""
+    return install(model, lambda attn, rope: attn.rope if isinstance(attn.rope, PromptQueries)
+                   and attn.rope.keep >= keep else PromptQueries(rope, keep))
 
 
 def install_recent_queries(model):

@@ -1,0 +1,152 @@
+"""How a prompt is compressed (Settings.prompt_mode): read whole and selected when it ends
+(with the prompt's last queries voting: observe), compressed as it is read (chunked), or
+never evicted (keep). A prompt is what arrives several tokens a call; the single token
+after it ends it (mlx-lm reads the last prompt token alone)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import KVCache
+
+from conftest import tiny_llama
+from triattn_mlx import Settings, calibrate, make_prompt_cache, remove_taps
+from triattn_mlx.baselines import QueryAwareScorer, observation_scores
+from triattn_mlx.taps import PromptQueries
+
+OPTIONS = dict(budget=64, window=16, divide_length=16)
+
+
+@pytest.fixture(scope="module")
+def model_and_stats():
+    model = tiny_llama(seed=11)
+    return model, calibrate(model, np.random.default_rng(2).integers(0, 128, 300).tolist())
+
+
+def read(model, cache, tokens, chunk):
+    """A prompt as mlx-lm reads it: chunks, then the last token alone. Sizes after each call."""
+    sizes, logits = [], []
+    for start in range(0, len(tokens) - 1, chunk):
+        logits.append(model(mx.array(tokens[start : min(start + chunk, len(tokens) - 1)])[None], cache=cache))
+        sizes.append(cache[0].size())
+    logits.append(model(mx.array(tokens[-1:])[None], cache=cache))
+    sizes.append(cache[0].size())
+    return sizes, logits
+
+
+def test_whole_reads_as_full_attention_then_selects_at_the_end(model_and_stats):
+    model, stats = model_and_stats
+    tokens = np.random.default_rng(3).integers(0, 128, 300).tolist()
+    cache = make_prompt_cache(model, stats=stats, prompt_mode="whole", prefill_limit=320, **OPTIONS)
+    full = [KVCache() for _ in model.layers]
+    sizes, logits = read(model, cache, tokens, 50)
+    _, reference = read(model, full, tokens, 50)
+    assert sizes == [50, 100, 150, 200, 250, 299, 64]  # held whole (300 < 320), selected at the end
+    for a, b in zip(logits, reference):  # the prompt was read with full attention
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
+    assert cache[0].prune_rounds == 1
+    decoded = [cache[0].size()]
+    for token in range(40):  # decoding: bounded as before
+        model(mx.array([[token]]), cache=cache)
+        decoded.append(cache[0].size())
+    assert max(decoded) < 64 + 16 and cache[0].prune_rounds == 3
+
+
+def test_whole_compresses_in_rounds_past_its_limit_and_chunked_as_it_reads(model_and_stats):
+    model, stats = model_and_stats
+    tokens = np.random.default_rng(4).integers(0, 128, 700).tolist()
+    limited = make_prompt_cache(model, stats=stats, prompt_mode="whole", **OPTIONS)  # limit: 4 x 64
+    sizes, _ = read(model, limited, tokens, 50)
+    assert max(sizes) < 256 + 50 and sizes[-1] == 64 and limited[0].prune_rounds == 4  # 3 rounds reading, 1 at the end
+    chunked = make_prompt_cache(model, stats=stats, prompt_mode="chunked", **OPTIONS)
+    sizes, _ = read(model, chunked, tokens, 50)
+    assert max(sizes) < 64 + 50 + 16 and sizes[-1] < 64 + 16
+
+
+def test_keep_never_evicts_the_prompt(model_and_stats):
+    model, stats = model_and_stats
+    prompt = np.random.default_rng(5).integers(0, 128, 100).tolist()
+    cache = make_prompt_cache(model, stats=stats, prompt_mode="keep", **OPTIONS)
+    read(model, cache, prompt, 30)
+    for token in range(150):
+        model(mx.array([[token % 128]]), cache=cache)
+        assert cache[0].size() < 100 + 16 + 16  # the prompt, the window, divide_length
+    held = np.array(cache[0].token_positions())[0]
+    for head in held:
+        assert set(range(100)) <= set(head.tolist())  # every prompt token, in every head
+    assert cache[0].prune_rounds > 3 and held.max() == 249
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(prompt_mode="all"), "prompt_mode must be one of"),
+    (dict(prefill_limit=70), "prefill_limit must be an integer >= 80"),
+    (dict(observe=-1), "observe must be an integer >= 0"),
+    (dict(observe_weight=-0.5), "observe_weight must be a number >= 0"),
+])
+def test_bad_prompt_settings_fail_where_they_are_made(settings, message):
+    with pytest.raises(ValueError, match=message):
+        Settings(**OPTIONS, **settings)
+
+
+def test_the_prompt_s_last_queries_vote_at_its_end():
+    """A key the observation window attends to is kept over the method's favourites; in a
+    later round (no window ends there) the method's score decides alone."""
+    rng = np.random.default_rng(6)
+    H, n_kv, N, D, offset = 4, 2, 400, 16, 1000  # the window's peak (pooled over 7 keys) stands out of 400
+    keys = rng.normal(size=(1, n_kv, N, D)).astype(np.float32)
+    positions = np.tile(np.arange(offset - N, offset), (n_kv, 1))[None]
+    looking = 20 * keys[0, 0, 7] / np.linalg.norm(keys[0, 0, 7])  # every window query looks at key 7
+    queries = np.broadcast_to(looking, (1, H, 8, D)).copy()
+
+    def method(keys, positions, offset):  # ranks key 7 last of all
+        return mx.broadcast_to(mx.abs(mx.arange(N) - 7).astype(mx.float32), (1, H, N))
+
+    tap = PromptQueries(lambda x, offset=0: x, keep=16)
+    tap.window, tap.end = mx.array(queries), offset
+    scorer = QueryAwareScorer(method, tap, window=8, weight=1.0)
+    voted = np.array(scorer(mx.array(keys), mx.array(positions), offset))[0]
+    assert set(voted[:2].argmax(-1).tolist()) <= set(range(4, 11))  # key 7's neighbourhood, not key 399
+    obs = np.array(observation_scores(mx.array(queries), mx.array(keys), mx.array(positions), offset))
+    assert obs.shape == (1, H, N) and np.flatnonzero(obs[0, 0] > 0.5).tolist() == list(range(4, 11))
+    later = np.array(scorer(mx.array(keys), mx.array(positions), offset + 5))[0]  # a decode round
+    np.testing.assert_array_equal(later, np.array(method(None, None, None))[0])
+
+
+def test_observation_keeps_what_the_prompt_end_attends_to(model_and_stats):
+    """End to end on a tiny model: with observe, the tokens the last prompt queries attend
+    to most are kept; without it the method may drop them."""
+    model, stats = model_and_stats
+    tokens = np.random.default_rng(7).integers(0, 128, 240).tolist()
+    try:
+        cache = make_prompt_cache(model, stats=stats, prompt_mode="whole", observe=8, observe_weight=100.0,
+                                  pruning_mode="per_layer_per_head", **OPTIONS)
+        assert isinstance(model.layers[0].self_attn.rope, PromptQueries)
+        read(model, cache, tokens, 60)
+        tap = model.layers[0].self_attn.rope
+        keys, positions = cache[0].keys[..., : cache[0].size(), :], cache[0].token_positions()
+        # the observation of the full prompt, recomputed: its top tokens must have been kept
+        full = [KVCache() for _ in model.layers]
+        read(model, full, tokens, 60)
+        obs = observation_scores(tap.window[:, :, -8:], full[0].keys[..., :240, :],
+                                 mx.broadcast_to(mx.arange(240)[None, None], (1, 2, 240)), 240)
+        top = np.argsort(-np.array(obs)[0].reshape(2, 2, 240).max(1), axis=-1)[:, :5]
+        kept = np.array(positions)[0]
+        for head in range(2):
+            assert set(top[head].tolist()) <= set(kept[head].tolist())
+        assert keys.shape[2] == 64
+    finally:
+        remove_taps(model)
+
+
+@pytest.mark.parametrize("mode", ["whole", "keep"])
+def test_generate_step_runs_each_prompt_mode_like_alone(model_and_stats, mode):
+    """mlx-lm's own generation loop; the same prompt twice gives the same tokens."""
+    model, stats = model_and_stats
+    prompt = mx.array(np.random.default_rng(8).integers(0, 128, 200))
+    outs = []
+    for _ in range(2):
+        cache = make_prompt_cache(model, stats=stats, prompt_mode=mode, observe=8, **OPTIONS)
+        steps = generate_step(prompt, model, prompt_cache=cache, prefill_step_size=64, max_tokens=30)
+        outs.append([int(t) for t, _ in steps])
+        remove_taps(model)
+    assert outs[0] == outs[1] and len(outs[0]) == 30
