@@ -154,3 +154,17 @@ def test_partial_rotary_pairs_unrotated_dims_as_plain_dot_product():
     qbar = np.zeros(32)
     qbar[g.pairs[8:, 0]], qbar[g.pairs[8:, 1]] = q_center[0, 8:].real, q_center[0, 8:].imag
     np.testing.assert_allclose(w[16:], qbar[16:], rtol=1e-6)
+
+
+def test_slowly_rotating_pairs_keep_their_true_frequency():
+    """llama3 scaling (factor 8, theta 500000) brings the slowest pairs below 1e-6 rad per
+    position: they rotate still (over 100k tokens, by radians), so the probe must not take
+    them for unrotated coordinates."""
+    rope = initialize_rope(128, 500000.0, False, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                           max_position_embeddings=131072)
+    geometry = probe_rope(rope, 128)
+    expected = 1.0 / np.array(rope._freqs, dtype=np.float64)
+    assert geometry.omega.min() > 0 and expected.min() < 1e-6
+    np.testing.assert_allclose(geometry.omega, expected, rtol=1e-9)
+    np.testing.assert_array_equal(geometry.pairs, np.stack([np.arange(64), np.arange(64) + 64], 1))

@@ -32,7 +32,10 @@ def probe_rope(rope, head_dim):
     off_diag = rotated - np.diag(cos)
     partner = np.abs(off_diag).argmax(axis=1)
     sin = off_diag[np.arange(head_dim), partner]
-    is_rotated = np.abs(sin) > 1e-6
+    # Unrotated coordinates (partial rotary) come back exactly; a rotated pair's sine is its
+    # angle per position, which scaled ropes (llama3, yarn) bring well below 1e-6 for their
+    # slowest pairs: they are rotated still, and keep their true frequency.
+    is_rotated = np.abs(sin) > 1e-12
 
     pairs, omega, scale = [], [], []
     for i in np.flatnonzero(is_rotated & (sin > 0)):  # e_i -> cos e_i + sin e_partner: i is real
