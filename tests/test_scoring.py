@@ -131,7 +131,7 @@ def test_closed_form_matches_definition(scaling, traditional, aggregation):
 
     # The scorer returns these raw scores per query head; selection z-normalizes each
     # head, then takes the max over each GQA group.
-    raw = scorer(cached, mx.array(positions[None, None]), t + 1)
+    raw = scorer(cached, mx.array(positions[None, None]), t)  # offset t: the next query arrives at t
     np.testing.assert_allclose(np.array(raw)[0], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     z = (expected - expected.mean(-1, keepdims=True)) / expected.std(-1, keepdims=True)
     grouped = z.reshape(n_kv, H // n_kv, N).max(1)

@@ -128,7 +128,9 @@ class TriAttentionScorer:
 
     def __call__(self, keys, positions, offset):
         # keys: [B, H_kv, N, D] (or QuantizedKeys), positions: [B, H_kv, N] -> [B, H, N]
-        t = offset - 1  # position of the newest key; future queries arrive at t + o
+        # The next query's position (the reference's round_start: the position after the
+        # newest cached key); future queries arrive at t + o.
+        t = offset
         if isinstance(keys, QuantizedKeys):
             q = keys[:3]
             if (self.terms == "both" and self.aggregation == "mean" and kernels.backend() != "mlx"
