@@ -1,13 +1,12 @@
 """Loading models and stats from what a user types: a folder, a hub repo id, a .gguf file."""
 
-import hashlib
 import os
 from pathlib import Path
 
 import mlx_lm
 
-from ._data import cache_dir, data_dir
-from .gguf import convert_gguf
+from ._data import data_dir
+from .gguf import gguf_model_dir
 from .stats import StatsError, load_stats
 
 STATS_DIR = data_dir("triattn_mlx.shipped_stats", "stats")  # shipped stats (stats/README.md)
@@ -25,19 +24,14 @@ def _looks_local(spec):
 
 
 def load(path_or_repo, **kwargs):
-    """mlx_lm.load, plus llama-architecture .gguf files (converted once into a cache)."""
+    """mlx_lm.load, plus .gguf files (llama, qwen2, qwen3, gemma3; converted once into a cache)."""
     spec = str(path_or_repo)
     path = Path(spec).expanduser()
     if _looks_local(spec) and not path.exists():
         raise FileNotFoundError(f"model not found: {spec} (expected an mlx-lm model folder, "
                                 "a Hugging Face repo id, or a .gguf file)")
     if path.suffix == ".gguf":
-        stat = path.stat()
-        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        folder = cache_dir() / f"gguf-{path.stem}-{key}"
-        if not (folder / "model.safetensors").is_file():
-            convert_gguf(path, folder)
-        path = folder
+        path = gguf_model_dir(path)
     return mlx_lm.load(str(path) if path.exists() else spec, **kwargs)
 
 

@@ -47,7 +47,7 @@ def smollm2_model_dir(dtype="float32"):
     from . import __version__
 
     folder = cache_dir() / f"SmolLM2-135M-Instruct-{dtype or 'q4'}-v{__version__}"
-    if not (folder / "model.safetensors").is_file():
+    if not (folder / "config.json").is_file():
         tmp = folder.with_name(folder.name + ".part")
         convert_gguf(smollm2_gguf(), tmp, dtype=dtype)
         tmp.rename(folder)
