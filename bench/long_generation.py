@@ -17,7 +17,7 @@ from mlx_lm.models.cache import make_prompt_cache as full_cache
 from bench.common import plot, write_json
 from triattn_mlx import calibrate, make_prompt_cache
 from triattn_mlx.cache import cache_report
-from triattn_mlx.testing import code_text, smollm2_model_dir
+from support import code_text, smollm2_model_dir
 
 
 def run(model, tokenizer, prompt, cache, tokens, checkpoint):

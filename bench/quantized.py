@@ -24,7 +24,7 @@ from bench.common import RESULTS, evaluation_texts, plot, write_json
 from triattn_mlx import calibrate, make_prompt_cache
 from triattn_mlx.cache import cache_report
 from triattn_mlx.evaluate import chunk_logprobs, perplexity, reference_nll, teacher_forced
-from triattn_mlx.testing import code_text, smollm2_model_dir
+from support import code_text, smollm2_model_dir
 
 
 def main():

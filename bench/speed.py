@@ -99,7 +99,7 @@ def test_model():
     import mlx_lm
 
     from triattn_mlx import calibrate
-    from triattn_mlx.testing import code_text, smollm2_model_dir
+    from support import code_text, smollm2_model_dir
 
     model, tokenizer = mlx_lm.load(str(smollm2_model_dir("float32")))
     return model, calibrate(model, tokenizer.encode(code_text())[:2048], source="inspect.py")

@@ -5,7 +5,7 @@ import pytest  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 
 from triattn_mlx import calibrate  # noqa: E402
-from triattn_mlx.testing import code_text, smollm2_model_dir  # noqa: E402
+from support import code_text, smollm2_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")

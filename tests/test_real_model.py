@@ -12,7 +12,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, load_prompt_cache, sav
 from triattn_mlx import make_prompt_cache
 from triattn_mlx.baselines import random_scores, recency_scores
 from triattn_mlx.evaluate import perplexity, reference_logprobs, reference_nll, teacher_forced
-from triattn_mlx.testing import prose_text, smollm2_model_dir
+from support import prose_text, smollm2_model_dir
 
 
 def greedy(model, cache, first_token, steps):
