@@ -26,10 +26,8 @@ from .gguf_format import (
     GROUP_SIZE,
     GGUFTensor,
     affine_codes,
-    affine_decoders,
     check_tensor_kinds,
     dequantize,
-    float_kinds,
     pack,
     read_gguf,
     requantize,
@@ -37,6 +35,7 @@ from .gguf_format import (
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 CONVERTER_VERSION = 2  # bump when the output for the same file changes (invalidates caches)
+_DTYPES = ("float32", "float16", "bfloat16")
 _SHARD_BYTES = 2 << 30  # model-NNNNN.safetensors files of about this size (bounds peak memory)
 
 
@@ -281,19 +280,40 @@ class _ShardWriter:
             self.weights, self.size = {}, 0
 
 
-def _notice(path, counts, errors, dtype):
-    if dtype is not None:
-        kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-        return f"[triattn] {Path(path).name}: dequantized to {dtype} ({kinds})"
+_FLOAT_TYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
+
+
+def convert_tensor(arch, config, tensor, dtype=None):
+    """One GGUF tensor as mlx-lm arrays by suffix ("weight", or "weight", "scales", "biases"),
+    and how: ("kept" | "dequantized" | "repacked" | "requantized", bits, max abs error)."""
+    if dtype is not None or tensor.kind.name in _FLOAT_TYPES or len(tensor.shape) != 2:
+        values = mx.array(_transform(arch, config, tensor, dequantize(tensor)))
+        target = getattr(mx, dtype) if dtype else _FLOAT_TYPES.get(tensor.kind.name, mx.float32)
+        return {"weight": values.astype(target)}, ("dequantized" if dtype else "kept", None, 0.0)
+    # rows are reordered as whole blocks; no other transform touches a quantized matrix
+    tensor = GGUFTensor(tensor.name, tensor.kind, tensor.shape, _transform(arch, config, tensor, tensor.data))
+    codes = affine_codes(tensor)
+    if codes is None:
+        w, scales, biases, error = requantize(dequantize(tensor))
+        return {"weight": w, "scales": scales, "biases": biases}, ("requantized", 8, error)
+    q, scales, biases, bits = codes
+    arrays = {"weight": mx.array(pack(q, bits)), "scales": mx.array(scales.astype(np.float16)),
+              "biases": mx.array(biases.astype(np.float16))}
+    return arrays, ("repacked", bits, 0.0)
+
+
+def _notice(path, counts, errors):
+    """One line: what was done to each GGUF tensor type."""
     parts = []
-    for (kind, bits, how), n in sorted(counts.items(), key=lambda item: -item[1]):
-        if how == "float":
+    for (kind, how, bits), n in sorted(counts.items(), key=lambda item: -item[1]):
+        if how == "dequantized":
+            parts.append(f"{n} {kind} dequantized to float")
+        elif how == "kept":
             parts.append(f"{n} {kind} kept as {kind.lower()}")
         elif how == "repacked":
             parts.append(f"{n} {kind} as {bits}-bit affine")
         else:
-            parts.append(f"{n} {kind} re-quantized to {bits}-bit affine "
-                         f"(max abs error {errors[kind]:.2g})")
+            parts.append(f"{n} {kind} re-quantized to {bits}-bit affine (max abs error {errors[kind]:.2g})")
     return f"[triattn] {Path(path).name}: " + ", ".join(parts)
 
 
@@ -308,51 +328,29 @@ def convert_gguf(gguf_path, output_dir, dtype=None, quiet=False):
     gguf_path, output_dir = Path(gguf_path), Path(output_dir)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    if dtype not in (None, "float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype must be None, float32, float16 or bfloat16, got {dtype!r}")
+    if dtype not in (None, *_DTYPES):
+        raise ValueError(f"dtype must be None or one of {', '.join(_DTYPES)}, got {dtype!r}")
     meta, tensors = read_gguf(gguf_path)
     arch, config = build_config(meta, tensors)
     check_tensor_kinds(tensors)
-    names = {t.name: mlx_name(arch, t.name) for t in tensors if t.name.split(".")[0] not in _SKIPPED}
+    tensors = [t for t in tensors if t.name.split(".")[0] not in _SKIPPED]
+    names = [mlx_name(arch, t.name) for t in tensors]  # every name checked before any work
     tokenizer, tokenizer_config = build_tokenizer(meta)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     for old in output_dir.glob("model*.safetensors"):
         old.unlink()
-    writer, quantization = _ShardWriter(output_dir), {}
-    counts, errors = {}, {}
-    affine = affine_decoders()
-    for tensor in tensors:
-        if tensor.name not in names:
-            continue
-        name, kind = names[tensor.name], tensor.kind
+    writer, quantization, counts, errors = _ShardWriter(output_dir), {}, {}, {}
+    for tensor, name in zip(tensors, names):
         module = name.rsplit(".", 1)[0]
-        is_matrix = len(tensor.shape) == 2 and name.endswith(".weight")
-        if dtype is not None:
-            values = _transform(arch, config, tensor, dequantize(tensor))
-            writer.add(name, mx.array(values).astype(getattr(mx, dtype)))
-            counts[kind.name] = counts.get(kind.name, 0) + 1
-        elif kind in float_kinds() or not is_matrix:
-            values = _transform(arch, config, tensor, dequantize(tensor))
-            writer.add(name, mx.array(values).astype(mx.bfloat16 if kind.name == "BF16" else
-                                                     mx.float16 if kind.name == "F16" else mx.float32))
-            counts[(kind.name, 0, "float")] = counts.get((kind.name, 0, "float"), 0) + 1
-        elif kind in affine:
-            raw = _transform(arch, config, tensor, tensor.data)
-            q, scales, biases, bits = affine_codes(GGUFTensor(tensor.name, kind, tensor.shape, raw))
-            writer.add(name, mx.array(pack(q, bits)))
-            writer.add(f"{module}.scales", mx.array(scales.astype(np.float16)))
-            writer.add(f"{module}.biases", mx.array(biases.astype(np.float16)))
+        arrays, (how, bits, error) = convert_tensor(arch, config, tensor, dtype)
+        for suffix, array in arrays.items():
+            writer.add(name if suffix == "weight" else f"{module}.{suffix}", array)
+        if bits is not None:
             quantization[module] = {"group_size": GROUP_SIZE, "bits": bits}
-            counts[(kind.name, bits, "repacked")] = counts.get((kind.name, bits, "repacked"), 0) + 1
-        else:
-            w, scales, biases, error = requantize(_transform(arch, config, tensor, dequantize(tensor)))
-            errors[kind.name] = max(errors.get(kind.name, 0.0), error)
-            writer.add(name, w)
-            writer.add(f"{module}.scales", scales)
-            writer.add(f"{module}.biases", biases)
-            quantization[module] = {"group_size": GROUP_SIZE, "bits": 8}
-            counts[(kind.name, 8, "requantized")] = counts.get((kind.name, 8, "requantized"), 0) + 1
+        key = (tensor.kind.name, how, bits)
+        counts[key] = counts.get(key, 0) + 1
+        errors[tensor.kind.name] = max(errors.get(tensor.kind.name, 0.0), error)
     writer.flush()
     if quantization:
         config["quantization"] = {"group_size": GROUP_SIZE, "bits": 4, **quantization}
@@ -361,7 +359,7 @@ def convert_gguf(gguf_path, output_dir, dtype=None, quiet=False):
     (output_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     (output_dir / "config.json").write_text(json.dumps(config, indent=2))  # last: marks the folder complete
     if not quiet:
-        print(_notice(gguf_path, counts, errors, dtype), file=sys.stderr)
+        print(_notice(gguf_path, counts, errors), file=sys.stderr)
     return output_dir
 
 
@@ -373,8 +371,8 @@ def gguf_model_dir(path, dtype=None):
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    if dtype not in (None, "float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype must be None, float32, float16 or bfloat16, got {dtype!r}")
+    if dtype not in (None, *_DTYPES):
+        raise ValueError(f"dtype must be None or one of {', '.join(_DTYPES)}, got {dtype!r}")
     stat = path.stat()
     key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{dtype}:{CONVERTER_VERSION}"
     folder = cache_dir() / f"gguf-{path.stem}-{dtype or 'quantized'}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"

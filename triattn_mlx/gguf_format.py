@@ -164,7 +164,7 @@ def _k_quant(b, bits):
     return q.reshape(n, 256), d * sc, -(dmin * mn)
 
 
-def affine_decoders():
+def _affine_decoders():
     from gguf import GGMLQuantizationType as T
 
     return {T.Q4_0: (4, _q4_0), T.Q4_1: (4, _q4_1), T.Q5_0: (5, _q5_0), T.Q5_1: (5, _q5_1),
@@ -176,7 +176,7 @@ def affine_codes(tensor):
     [rows, cols / 32], bits), or None for a type that is not affine over 32 elements."""
     from gguf import GGML_QUANT_SIZES
 
-    decoder = affine_decoders().get(tensor.kind)
+    decoder = _affine_decoders().get(tensor.kind)
     if decoder is None:
         return None
     bits, decode = decoder
@@ -230,12 +230,6 @@ def requantize(values, bits=8):
         codes[start:start + 4096] = q.reshape(-1, cols)
         scales[start:start + 4096], biases[start:start + 4096] = scale, bias
     return mx.array(pack(codes, bits)), mx.array(scales), mx.array(biases), error
-
-
-def float_kinds():
-    from gguf import GGMLQuantizationType as T
-
-    return {T.F32, T.F16, T.BF16}
 
 
 def check_tensor_kinds(tensors):
