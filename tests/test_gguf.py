@@ -14,8 +14,8 @@ import mlx_lm
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from gguf_helpers import mlx_dequantized, random_blocks, sentencepiece_reference, sentencepiece_vocab, write_model_gguf
 from mlx.utils import tree_flatten
-from synthetic_gguf import random_blocks, sentencepiece_vocab, write_model_gguf
 
 from triattn_mlx.gguf import SUPPORTED_ARCHITECTURES, convert_gguf, gguf_model_dir
 from triattn_mlx.gguf_format import GGUFTensor, affine_codes, dequantize, pack, read_gguf, requantize
@@ -26,12 +26,6 @@ NOT_AFFINE = [T.Q6_K, T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]
 
 def random_tensor(kind, rows=16, cols=512, seed=0):
     return GGUFTensor("w", kind, (rows, cols), random_blocks(kind, rows, cols, seed))
-
-
-def mlx_dequantized(codes_scales_biases, bits):
-    """The stored values, computed in float32 (as a float32 model's matmul sees them)."""
-    w, scales, biases = codes_scales_biases
-    return np.array(mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=32, bits=bits))
 
 
 # ---------------------------------------------------------------------------- the file format
@@ -223,30 +217,6 @@ def test_byte_level_tokenizer_and_chat_template(tmp_path):
                                            tokenize=False)
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.eos_token == "<|im_end|>"
-
-
-def sentencepiece_reference(meta):
-    """The same vocabulary as a sentencepiece BPE model (what gemma's tokenizer.model is):
-    merges chosen by score, user-defined pieces matched whole, bytes as fallback."""
-    from sentencepiece import SentencePieceProcessor
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    proto = pb.ModelProto()
-    proto.trainer_spec.model_type = pb.TrainerSpec.BPE
-    proto.trainer_spec.byte_fallback = True
-    proto.trainer_spec.vocab_size = len(meta["tokenizer.ggml.tokens"])
-    for field, key in (("unk_id", "unknown"), ("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding")):
-        setattr(proto.trainer_spec, field, int(meta.get(f"tokenizer.ggml.{key}_token_id", -1)))
-    proto.normalizer_spec.name = "identity"
-    proto.normalizer_spec.add_dummy_prefix = False
-    proto.normalizer_spec.remove_extra_whitespaces = False
-    proto.normalizer_spec.escape_whitespaces = True
-    for token, score, kind in zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"],
-                                  meta["tokenizer.ggml.token_type"]):
-        piece = proto.pieces.add()
-        piece.piece = "\u2581" * len(token) if " " in token and not token.strip() else token
-        piece.score, piece.type = float(score), int(kind)  # GGUF token types are sentencepiece's
-    return SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
 def test_sentencepiece_tokenizer_matches_sentencepiece_and_adds_bos(tmp_path):

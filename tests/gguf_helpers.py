@@ -1,6 +1,6 @@
-"""Small GGUF files written the way llama.cpp's convert_hf_to_gguf.py writes them, from
-random-weight mlx-lm models, so that each architecture's conversion is tested without
-downloads: the converted folder must give the original model's logits."""
+"""Helpers for the GGUF tests: small GGUF files written the way llama.cpp's
+convert_hf_to_gguf.py writes them, from random-weight mlx-lm models (each architecture's
+conversion is tested without downloads), and the slow references they are checked against."""
 
 import mlx.core as mx
 import numpy as np
@@ -169,3 +169,33 @@ def write_model_gguf(path, arch, kind=T.F32, seed=0, tokenizer=None):
     writer.write_tensors_to_file()
     writer.close()
     return model, config
+
+
+def mlx_dequantized(codes_scales_biases, bits):
+    """The stored values, computed in float32 (as a float32 model's matmul sees them)."""
+    w, scales, biases = codes_scales_biases
+    return np.array(mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=32, bits=bits))
+
+
+def sentencepiece_reference(meta):
+    """The same vocabulary as a sentencepiece BPE model (what gemma's tokenizer.model is):
+    merges chosen by score, user-defined pieces matched whole, bytes as fallback."""
+    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.trainer_spec.model_type = pb.TrainerSpec.BPE
+    proto.trainer_spec.byte_fallback = True
+    proto.trainer_spec.vocab_size = len(meta["tokenizer.ggml.tokens"])
+    for field, key in (("unk_id", "unknown"), ("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding")):
+        setattr(proto.trainer_spec, field, int(meta.get(f"tokenizer.ggml.{key}_token_id", -1)))
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = False
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    for token, score, kind in zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"],
+                                  meta["tokenizer.ggml.token_type"]):
+        piece = proto.pieces.add()
+        piece.piece = "\u2581" * len(token) if " " in token and not token.strip() else token
+        piece.score, piece.type = float(score), int(kind)  # GGUF token types are sentencepiece's
+    return SentencePieceProcessor(model_proto=proto.SerializeToString())
