@@ -169,15 +169,19 @@ def test_each_architecture_converts_to_the_same_model(arch, tmp_path):
 
 @pytest.mark.parametrize("arch, kind", [("llama", T.Q4_0), ("qwen2", T.Q5_0), ("qwen3", T.Q5_1),
                                         ("gemma3", T.Q8_0), ("llama", T.Q4_1)])
-def test_quantized_files_keep_their_codes(arch, kind, tmp_path):
+def test_quantized_files_keep_their_codes(arch, kind, tmp_path, capfd):
     path = tmp_path / "model.gguf"
     write_model_gguf(path, arch, kind)
+    capfd.readouterr()
     quantized, _ = mlx_lm.load(str(convert_gguf(path, tmp_path / "q")))
+    notice = capfd.readouterr().err.strip().splitlines()
     dense, _ = mlx_lm.load(str(convert_gguf(path, tmp_path / "f", dtype="float32")))
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     layers = {k: v for k, v in config["quantization"].items() if isinstance(v, dict)}
     assert layers and all(v == {"group_size": 32, "bits": AFFINE_BITS[kind]} for v in layers.values())
     assert "model.layers.0.self_attn.q_proj" in layers  # llama: permuted rows moved as whole blocks
+    assert len(notice) == 1 and notice[0].startswith("[triattn] model.gguf: ")
+    assert f"{len(layers)} {kind.name} as {AFFINE_BITS[kind]}-bit affine" in notice[0] and "F32 kept as f32" in notice[0]
     weights, dense_weights = dict(tree_flatten(quantized.parameters())), dict(tree_flatten(dense.parameters()))
     for module, settings in layers.items():
         codes = tuple(weights[f"{module}.{k}"] for k in ("weight", "scales", "biases"))
@@ -185,6 +189,15 @@ def test_quantized_files_keep_their_codes(arch, kind, tmp_path):
     # the quantized embedding's float16 output makes the activations float16
     a, b = logits(quantized), logits(dense)
     assert np.abs(a - b).max() <= 3e-2 * np.abs(b).max()
+
+
+def test_float_dtypes(tmp_path):
+    model, _ = write_model_gguf(tmp_path / "m.gguf", "qwen3")
+    for dtype, tolerance in (("float16", 1e-2), ("bfloat16", 5e-2)):
+        converted, _ = mlx_lm.load(str(convert_gguf(tmp_path / "m.gguf", tmp_path / dtype, dtype=dtype)))
+        assert {p.dtype for _, p in tree_flatten(converted.parameters())} == {getattr(mx, dtype)}
+        a, b = logits(converted), logits(model)
+        assert np.abs(a - b).max() <= tolerance * np.abs(b).max()
 
 
 def test_llama3_rope_frequencies_become_rope_scaling(tmp_path):
