@@ -75,7 +75,8 @@ def test_read_gguf_matches_gguf_reader(tmp_path):
     for ours, theirs in zip(tensors, reader.tensors):
         assert ours.kind == theirs.tensor_type
         assert ours.shape == tuple(int(d) for d in reversed(theirs.shape))
-        np.testing.assert_array_equal(np.asarray(ours.data).ravel(), np.asarray(theirs.data).view(np.uint8).ravel())
+        raw = np.asarray(theirs.data).view(np.uint8).ravel()
+        np.testing.assert_array_equal(np.asarray(ours.data).ravel(), raw)
 
 
 def reference_pack(q, bits):
@@ -181,7 +182,8 @@ def test_quantized_files_keep_their_codes(arch, kind, tmp_path, capfd):
     assert layers and all(v == {"group_size": 32, "bits": AFFINE_BITS[kind]} for v in layers.values())
     assert "model.layers.0.self_attn.q_proj" in layers  # llama: permuted rows moved as whole blocks
     assert len(notice) == 1 and notice[0].startswith("[triattn] model.gguf: ")
-    assert f"{len(layers)} {kind.name} as {AFFINE_BITS[kind]}-bit affine" in notice[0] and "F32 kept as f32" in notice[0]
+    assert f"{len(layers)} {kind.name} as {AFFINE_BITS[kind]}-bit affine" in notice[0]
+    assert "F32 kept as f32" in notice[0]
     weights, dense_weights = dict(tree_flatten(quantized.parameters())), dict(tree_flatten(dense.parameters()))
     for module, settings in layers.items():
         codes = tuple(weights[f"{module}.{k}"] for k in ("weight", "scales", "biases"))
@@ -264,9 +266,10 @@ def test_unsupported_architecture_is_one_clear_error(tmp_path):
                                          r"llama, qwen2, qwen3, gemma3\)"):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     env = dict(os.environ, TRIATTN_CACHE=str(tmp_path / "cache"))
-    for cli, args in (("generate", ["--prompt", "hi"]), ("calibrate", ["--output", str(tmp_path / "s.safetensors")])):
-        r = subprocess.run([sys.executable, "-m", f"triattn_mlx.{cli}", "--model", str(tmp_path / "m.gguf"), *args],
-                           capture_output=True, text=True, timeout=120, env=env)
+    for cli, args in (("generate", ["--prompt", "hi"]),
+                      ("calibrate", ["--output", str(tmp_path / "s.safetensors")])):
+        command = [sys.executable, "-m", f"triattn_mlx.{cli}", "--model", str(tmp_path / "m.gguf"), *args]
+        r = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
         assert r.returncode == 2, r.stderr
         assert r.stderr.strip().splitlines()[-1] == ("error: GGUF architecture 'mamba' is not supported "
                                                      "(supported: llama, qwen2, qwen3, gemma3)")

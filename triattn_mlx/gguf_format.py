@@ -200,8 +200,8 @@ def pack(q, bits):
     shifts = (np.arange(8, dtype=np.uint64) * bits).reshape(1, 1, 8)
     for start in range(0, rows, 4096):  # 8 codes -> one uint64 -> its low `bits` bytes
         chunk = q[start:start + 4096].reshape(-1, cols // 8, 8).astype(np.uint64)
-        words = (chunk << shifts).sum(-1, dtype=np.uint64)
-        out[start:start + 4096] = words.view(np.uint8).reshape(-1, cols // 8, 8)[..., :bits].reshape(-1, cols * bits // 8)
+        words = (chunk << shifts).sum(-1, dtype=np.uint64).view(np.uint8).reshape(-1, cols // 8, 8)
+        out[start:start + 4096] = words[..., :bits].reshape(-1, cols * bits // 8)
     return out.view(np.uint32)
 
 
