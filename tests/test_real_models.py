@@ -138,9 +138,10 @@ def test_gemma_tokenizer_matches_sentencepiece_on_prose_and_code():
 
 # ---------------------------------------------------------------------------- answers, perplexity
 
-def test_qwen_answers_and_perplexity(qwen):
+@pytest.mark.parametrize("questions", [QUESTIONS[:2], pytest.param(QUESTIONS[2:], marks=SLOW)])
+def test_qwen_answers_and_perplexity(qwen, questions):
     model, tokenizer = qwen
-    for question, answer in QUESTIONS:
+    for question, answer in questions:
         reply = greedy_answer(model, tokenizer, question)
         print(f"\n{question!r} -> {reply!r}")
         assert answer in reply
