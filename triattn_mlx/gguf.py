@@ -302,12 +302,12 @@ def convert_tensor(arch, config, tensor, dtype=None):
     return arrays, ("repacked", bits, 0.0)
 
 
-def _notice(path, counts, errors):
+def _notice(path, counts, errors, dtype):
     """One line: what was done to each GGUF tensor type."""
     parts = []
     for (kind, how, bits), n in sorted(counts.items(), key=lambda item: -item[1]):
         if how == "dequantized":
-            parts.append(f"{n} {kind} dequantized to float")
+            parts.append(f"{n} {kind} as {dtype}")
         elif how == "kept":
             parts.append(f"{n} {kind} kept as {kind.lower()}")
         elif how == "repacked":
@@ -359,7 +359,7 @@ def convert_gguf(gguf_path, output_dir, dtype=None, quiet=False):
     (output_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     (output_dir / "config.json").write_text(json.dumps(config, indent=2))  # last: marks the folder complete
     if not quiet:
-        print(_notice(gguf_path, counts, errors), file=sys.stderr)
+        print(_notice(gguf_path, counts, errors, dtype), file=sys.stderr)
     return output_dir
 
 
