@@ -16,9 +16,9 @@ import mlx_lm
 import numpy as np
 
 from bench.common import evaluation_texts, plot, write_json
+from support import code_text, prose_text, smollm2_model_dir
 from support.evaluate import perplexity, reference_logprobs, reference_nll, teacher_forced
 from triattn_mlx import calibrate, make_prompt_cache
-from triattn_mlx.testing import code_text, prose_text, smollm2_model_dir
 
 
 def center_cosines(a, b):

@@ -14,7 +14,7 @@ def evaluation_texts(tokenizer, n):
     English prose (help topics, from token 20000) and Python source (argparse.py)."""
     import argparse
 
-    from triattn_mlx.testing import prose_text
+    from support import prose_text
 
     return {"prose": tokenizer.encode(prose_text())[20000 : 20000 + n],
             "code": tokenizer.encode(Path(argparse.__file__).read_text())[:n]}

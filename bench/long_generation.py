@@ -14,8 +14,8 @@ import mlx_lm
 from mlx_lm.models.cache import make_prompt_cache as full_cache
 
 from bench.common import plot, write_json
+from support import code_text, smollm2_model_dir
 from triattn_mlx import cache_report, calibrate, make_prompt_cache
-from triattn_mlx.testing import code_text, smollm2_model_dir
 
 
 def run(model, tokenizer, prompt, cache, tokens, checkpoint):

@@ -31,9 +31,9 @@ import numpy as np
 
 from bench.common import RESULTS, evaluation_texts, plot, write_json
 from bench.methods import TRIATTENTION, cleanup, equal_memory_methods, full_cache, methods
+from support import code_text, prose_text, smollm2_model_dir
 from support.evaluate import chunk_logprobs, perplexity, reference_nll, teacher_forced
 from triattn_mlx import cache_report, calibrate
-from triattn_mlx.testing import code_text, prose_text, smollm2_model_dir
 
 QUICK = dict(tokens=1024, budgets=[128, 256], recall_context=512, recall_depths=[0.25, 0.75], recall_seeds=[0],
              fidelity_prompt=512, fidelity_prompts=2, fidelity_tokens=16)

@@ -20,9 +20,9 @@ from mlx_lm.models.cache import QuantizedKVCache
 from mlx_lm.models.cache import make_prompt_cache as full_cache
 
 from bench.common import RESULTS, evaluation_texts, plot, write_json
+from support import code_text, smollm2_model_dir
 from support.evaluate import chunk_logprobs, perplexity, reference_nll, teacher_forced
 from triattn_mlx import cache_report, calibrate, make_prompt_cache
-from triattn_mlx.testing import code_text, smollm2_model_dir
 
 
 def main():

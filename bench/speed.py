@@ -113,10 +113,9 @@ def through_mlx_lm(model, make, N, decode_tokens, prefill_step):
 def test_model():
     """The real test model (SmolLM2-135M, float32) and stats calibrated on other text."""
     import mlx_lm
-    from support.models import smollm2_model_dir
 
+    from support import code_text, smollm2_model_dir
     from triattn_mlx import calibrate
-    from triattn_mlx.corpus import code_text
 
     model, tokenizer = mlx_lm.load(str(smollm2_model_dir("float32")))
     return model, calibrate(model, tokenizer.encode(code_text())[:2048], source="inspect.py")

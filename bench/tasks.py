@@ -469,10 +469,6 @@ def resolve_model(spec):
             return Path(model_dir(spec))
         except (LookupError, ValueError):  # not one of its names
             pass
-    if spec.lower() in ("smollm2-135m", "smollm2"):
-        from triattn_mlx.testing import smollm2_model_dir
-
-        return smollm2_model_dir("float32")
     return spec  # a Hugging Face repo id: triattn_mlx.load decides
 
 

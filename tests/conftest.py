@@ -6,7 +6,7 @@ import pytest
 from mlx_lm.models import llama
 
 from triattn_mlx import calibrate
-from triattn_mlx.testing import code_text, smollm2_model_dir  # noqa: E402
+from support import code_text, smollm2_model_dir
 
 
 @pytest.fixture(scope="session")

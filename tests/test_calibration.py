@@ -41,6 +41,25 @@ def test_shipped_stats_validate_against_their_model_and_only_it(name):
                 load_stats(STATS_DIR / f"{other}.safetensors", model)
 
 
+CALIBRATED = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct",
+              "gemma-3-270m"]  # calibrated here (stats/README.md); configs from their GGUFs
+
+
+@pytest.mark.parametrize("name", [*SHIPPED, *CALIBRATED])
+def test_each_model_matches_exactly_one_shipped_file(name):
+    """--stats auto takes the first file that validates: no two may fit one model."""
+    model = model_from_config(name)
+    matching = []
+    for path in sorted(STATS_DIR.glob("*.safetensors")):
+        try:
+            load_stats(path, model)
+            matching.append(path.stem)
+        except StatsError:
+            pass
+    assert matching == [name]
+    assert shipped_stats(model).metadata == load_stats(STATS_DIR / f"{name}.safetensors").metadata
+
+
 @pytest.mark.skipif(not UPSTREAM.is_dir(), reason="reference stats (../shared/upstream-stats) not present")
 @pytest.mark.parametrize("name", SHIPPED)
 def test_conversion_reproduces_the_shipped_files(name):

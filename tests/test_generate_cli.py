@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from triattn_mlx.testing import prose_text, smollm2_gguf
+from support import prose_text, smollm2_gguf
 
 
 def run(*args, stdin=None, timeout=300, env=None):

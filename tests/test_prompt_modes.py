@@ -6,10 +6,10 @@ after it ends it (mlx-lm reads the last prompt token alone)."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import tiny_llama
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache
 
-from conftest import tiny_llama
 from triattn_mlx import Settings, calibrate, make_prompt_cache, remove_taps
 from triattn_mlx.baselines import QueryAwareScorer, observation_scores
 from triattn_mlx.taps import PromptQueries

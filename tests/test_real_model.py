@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache, save_prompt_cache
 
+from support import prose_text, smollm2_model_dir
 from support.evaluate import perplexity, reference_logprobs, reference_nll, teacher_forced
 from triattn_mlx import load_prompt_cache, make_prompt_cache
-from triattn_mlx.testing import prose_text, smollm2_model_dir
 
 
 def greedy(model, cache, first_token, steps):

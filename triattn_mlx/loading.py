@@ -1,13 +1,12 @@
 """Loading models and stats from what a user types: a folder, a hub repo id, a .gguf file."""
 
-import hashlib
 import os
 from pathlib import Path
 
 import mlx_lm
 
-from ._data import cache_dir, data_dir
-from .gguf import convert_gguf
+from ._data import data_dir
+from .gguf import gguf_model_dir
 from .stats import StatsError, load_stats
 
 STATS_DIR = data_dir("triattn_mlx.shipped_stats", "stats")  # shipped stats (stats/README.md)
@@ -26,20 +25,15 @@ def _looks_local(spec):
 
 def model_location(spec):
     """What mlx-lm can open for what a user typed: a folder or a repo id as they are, a
-    .gguf file as its converted folder (made once, cached). A local-looking path that does
-    not exist is a clear error."""
+    .gguf file (llama, qwen2, qwen3, gemma3) as its converted folder (made once, cached).
+    A local-looking path that does not exist is a clear error."""
     spec = str(spec)
     path = Path(spec).expanduser()
     if _looks_local(spec) and not path.exists():
         raise FileNotFoundError(f"model not found: {spec} (expected an mlx-lm model folder, "
                                 "a Hugging Face repo id, or a .gguf file)")
     if path.suffix == ".gguf":
-        stat = path.stat()
-        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        folder = cache_dir() / f"gguf-{path.stem}-{key}"
-        if not (folder / "model.safetensors").is_file():
-            convert_gguf(path, folder)
-        return str(folder)
+        return str(gguf_model_dir(path))
     return str(path) if path.exists() else spec
 
 
