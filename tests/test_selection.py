@@ -67,3 +67,21 @@ def test_ties_keep_exactly_the_budget_in_temporal_order():
     keep = np.array(select_tokens(mx.zeros((1, 1, 50)), positions, 50, 20, 4, 0))[0, 0]
     assert len(set(keep.tolist())) == 20 and (np.diff(keep) > 0).all()
     assert set(range(46, 50)) <= set(keep.tolist())
+
+
+def test_zscore_over_the_candidates_only():
+    """Protected tokens (kept whatever they score) do not enter the statistics: the
+    candidates are normalized among themselves, as if the protected were not there."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1, 2, 30)).astype(np.float32)
+    x[..., -6:] += 50  # a protected window scoring far above the rest
+    candidates = np.ones((1, 2, 30), bool)
+    candidates[..., -6:] = False
+    got = np.array(zscore(mx.array(x), where=mx.array(candidates)))
+    c = x[..., :-6]
+    np.testing.assert_allclose(got[..., :-6], (c - c.mean(-1, keepdims=True)) / (c.std(-1, keepdims=True) + 1e-6),
+                               atol=1e-5)
+    # through head_scores: each query head of a GQA group takes its KV head's candidates
+    raw = np.repeat(x, 2, axis=1)  # 4 query heads, 2 KV heads
+    scored = np.array(head_scores(mx.array(raw), 2, mx.array(candidates)))
+    np.testing.assert_allclose(scored[..., :-6], got[..., :-6], atol=1e-5)

@@ -29,7 +29,7 @@ from mlx_lm.models.cache import _BaseCache, create_attention_mask
 from .groups import forming_group
 from .methods import restore_scorer, saved_scorer
 from .scoring import QuantizedKeys
-from .selection import gather_tokens, head_scores, select_tokens
+from .selection import gather_tokens, head_scores, protected_tokens, select_tokens
 from .settings import Settings
 
 
@@ -289,8 +289,11 @@ class TriAttentionKVCache(_BaseCache):
         if timed:
             mx.eval([v[1:] for v in views.values()])  # what the forward pass owes is not scoring time
         start = time.perf_counter()
-        n_kv = first(self.keys).shape[1]
-        scores = {key: head_scores(self._score(keys, positions, key[2], rows), n_kv)
+        n_kv, window = first(self.keys).shape[1], self.settings.window
+        # z-normalized over the tokens that may be evicted: the protected ones (window,
+        # sinks, a kept prompt) are kept whatever they score and must not skew the others
+        scores = {key: head_scores(self._score(keys, positions, key[2], rows), n_kv,
+                                   ~protected_tokens(positions, key[2], window, key[4]))
                   for key, (rows, keys, positions) in views.items()}
         if self._eval_on_compact or timed:
             mx.eval(list(scores.values()))  # frees the scored copies before the next layer makes its own

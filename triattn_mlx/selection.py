@@ -18,10 +18,17 @@ def protected_tokens(positions, offset, window, sinks):
     return (positions >= offset - window) | (positions < sinks)
 
 
-def zscore(scores, axis=-1, eps=1e-6):
-    # scores: [..., N] -> (scores - mean) / std along `axis`
-    mean = scores.mean(axis=axis, keepdims=True)
-    std = mx.sqrt(((scores - mean) ** 2).mean(axis=axis, keepdims=True))
+def zscore(scores, axis=-1, eps=1e-6, where=None):
+    # scores: [..., N] -> (scores - mean) / std along `axis`, the statistics taken over the
+    # entries `where` (bool, broadcastable to scores) is true, or over all
+    if where is None:
+        mean = scores.mean(axis=axis, keepdims=True)
+        std = mx.sqrt(((scores - mean) ** 2).mean(axis=axis, keepdims=True))
+        return (scores - mean) / (std + eps)
+    weight = mx.broadcast_to(where, scores.shape).astype(scores.dtype)
+    count = mx.maximum(weight.sum(axis=axis, keepdims=True), 1)
+    mean = (scores * weight).sum(axis=axis, keepdims=True) / count
+    std = mx.sqrt((((scores - mean) * weight) ** 2).sum(axis=axis, keepdims=True) / count)
     return (scores - mean) / (std + eps)
 
 
@@ -31,12 +38,18 @@ def gqa_max(scores, n_kv_heads):
     return scores.reshape(B, n_kv_heads, H // n_kv_heads, N).max(axis=2)
 
 
-def head_scores(raw, n_kv_heads):
+def head_scores(raw, n_kv_heads, candidates=None):
     """Raw scores [B, H, N] (H query heads or KV heads) -> comparable per-KV-head scores
-    [B, H_kv, N]: z-normalized per head, then max over each GQA group."""
-    if raw.shape[1] % n_kv_heads:
-        raise ValueError(f"a scorer returned {raw.shape[1]} heads for {n_kv_heads} KV heads")
-    scores = zscore(raw.astype(mx.float32))
+    [B, H_kv, N]: z-normalized per head over the candidates for eviction (bool [B, H_kv,
+    N]: the tokens not protected; None: all, as the reference normalizes), then max over
+    each GQA group."""
+    B, H, N = raw.shape
+    if H % n_kv_heads:
+        raise ValueError(f"a scorer returned {H} heads for {n_kv_heads} KV heads")
+    where = None
+    if candidates is not None:  # each query head takes its KV head's candidates
+        where = mx.repeat(candidates, H // n_kv_heads, axis=1)
+    scores = zscore(raw.astype(mx.float32), where=where)
     return scores if raw.shape[1] == n_kv_heads else gqa_max(scores, n_kv_heads)
 
 
