@@ -31,11 +31,12 @@ class Unsaveable:
         return self.reason
 
 
-def layer_scorers(model, settings, stats, infos):
+def layer_scorers(model, settings, stats, infos, shard):
     """{layer index: scorer} for the layers in `infos` ({index: AttentionInfo}, read before
-    any tap is installed). stats: a Stats object or "self" (triattention only). With
+    any tap is installed). stats: a Stats object or "self" (triattention only), for the
+    whole model: `shard` says which of its layers and heads this process holds. With
     settings.observe, TriAttention's scorers also hear the prompt's last queries."""
-    scorers = method_scorers(model, settings.method, stats, infos)
+    scorers = method_scorers(model, settings.method, stats, infos, shard)
     if settings.method != "triattention" or settings.observe == 0:
         return scorers
     taps = install_prompt_queries(model, settings.observe)
@@ -43,7 +44,7 @@ def layer_scorers(model, settings, stats, infos):
             for i, scorer in scorers.items()}
 
 
-def method_scorers(model, method, stats, infos):
+def method_scorers(model, method, stats, infos, shard):
     if method in STATELESS:
         return {i: STATELESS[method] for i in infos}
     if method in ATTENTION:
@@ -52,8 +53,11 @@ def method_scorers(model, method, stats, infos):
     if isinstance(stats, str) and stats == "self":
         recorders = install_query_recorders(model)
         return {i: SelfCalibratedScorer(recorders[i], info.rope, info.n_kv_heads) for i, info in infos.items()}
-    return {i: TriAttentionScorer(stats.q_mean[i], stats.q_abs_mean[i], info.rope, info.n_kv_heads)
-            for i, info in infos.items()}
+    def rows(i, info):  # this process's layer i and heads, in the whole model's stats
+        return shard.layer_offset + i, shard.head_rows(info.n_heads)
+
+    return {i: TriAttentionScorer(stats.q_mean[rows(i, info)], stats.q_abs_mean[rows(i, info)], info.rope,
+                                  info.n_kv_heads) for i, info in infos.items()}
 
 
 def method_name(scorer):

@@ -11,7 +11,7 @@ from .batch import BatchTriAttentionKVCache
 from .cache import QuantizedTriAttentionKVCache, TriAttentionKVCache
 from .groups import SharedSelection
 from .methods import layer_scorers
-from .model_info import attention_info, attention_module, model_layers
+from .model_info import attention_info, attention_module, model_layers, model_shard
 from .settings import settings_of
 from .stats import Stats, load_stats, validate_stats
 
@@ -50,7 +50,7 @@ def make_prompt_cache(model, settings=None, *, stats=None, scorer_factory=None, 
     if scorer_factory is not None:
         scorers = {i: scorer_factory(i, info) for i, info in infos.items()}
     else:
-        scorers = layer_scorers(model, settings, resolve(stats, model, settings.method), infos)
+        scorers = layer_scorers(model, settings, resolve(stats, model, settings.method), infos, model_shard(model))
     group = SharedSelection() if settings.pruning_mode == "per_head" else None
     kind = TriAttentionKVCache if settings.kv_bits is None else QuantizedTriAttentionKVCache
     caches = list(base)

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .model_info import attention_info, attention_module, model_args, model_layers  # noqa: F401
+from .model_info import attention_info, attention_module, model_args, model_layers, model_shard
 
 FORMAT_VERSION = 1
 METADATA_KEY = "triattn_stats"
@@ -69,18 +69,20 @@ class Stats:
 
 
 def describe_model(model):
-    """The metadata fields stats are validated against, read from the model itself."""
+    """The metadata fields stats are validated against, read from the model itself (the
+    whole model's, when this process holds a shard of it)."""
     infos = [attention_info(a) for a in map(attention_module, model_layers(model)) if a]
     if not infos:
         raise ValueError("model has no attention layer with a rope module")
     first = infos[0]
     args = model_args(model)
     scaling = getattr(args, "rope_scaling", None)
+    shard = model_shard(model)
     return {
         "model_name": getattr(args, "model_type", type(model).__name__),
-        "num_layers": len(model_layers(model)),
-        "num_attention_heads": first.n_heads,
-        "num_kv_heads": first.n_kv_heads,
+        "num_layers": shard.num_layers,
+        "num_attention_heads": first.n_heads * shard.ranks,
+        "num_kv_heads": first.n_kv_heads * shard.ranks,
         "head_dim": first.head_dim,
         "rope_style": first.rope.style,
         "rope_theta": getattr(args, "rope_theta", None),
@@ -153,6 +155,9 @@ def calibrate(model, token_ids, chunk_size=512, source="", progress=None):
     tokens = mx.array(np.asarray(token_ids, dtype=np.int32).reshape(-1))
     if tokens.size < 2:
         raise ValueError("calibration needs at least 2 tokens")
+    shard = model_shard(model)
+    if shard.layer_offset or shard.ranks > 1:
+        raise ValueError("calibrate the whole model in one process: this one holds a shard of it")
     recorders = install_query_recorders(model)
     try:
         cache = [KVCache() for _ in model_layers(model)]
