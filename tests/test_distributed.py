@@ -3,9 +3,15 @@
 process holding the whole model, with the same settings and compression pruning."""
 
 import json
+import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
@@ -90,3 +96,62 @@ def test_heads_that_do_not_divide_are_refused(tmp_path, real_model_dir):
     output = result.stdout + result.stderr  # (mlx.launch reports a failed rank but exits 0)
     assert "exited with code 1" in output and not list(tmp_path.glob("x.*.json"))
     assert "do not divide evenly over the processes" in output
+
+
+def launch(*command):
+    return ["mlx.launch", "--backend", "ring", "-n", "2", "--", sys.executable, *command]
+
+
+def test_generate_cli_under_mlx_launch_prints_once_what_one_process_prints(tmp_path, real_model_dir):
+    folder, stats = model_folder(tmp_path, "qwen3", real_model_dir)
+    prompt = " ".join(f"word{i % 50}" for i in range(200))
+    command = ["-m", "triattn_mlx.generate", "--model", str(folder), "--stats", str(stats), "--prompt", prompt,
+               "--ignore-chat-template", "--budget", "96", "--window", "16", "--divide-length", "16", "-m", "12",
+               "--prefill-step-size", "64", "--temp", "0"]
+    single = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300)
+    ranks = subprocess.run(launch(*command), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0 and ranks.returncode == 0, single.stderr[-2000:] + ranks.stderr[-2000:]
+    assert "exited with code" not in ranks.stdout + ranks.stderr
+    assert ranks.stdout.count("==========") == 2  # rank 0 alone prints
+    text = single.stdout.split("==========")[1]
+    assert text.strip() and ranks.stdout.split("==========")[1] == text
+    kept = re.search(r"KV cache: (\d+) of (\d+) tokens", ranks.stdout)
+    assert kept and int(kept.group(1)) < 96 + 16 < int(kept.group(2))
+
+
+def test_server_under_mlx_launch_answers(tmp_path, real_model_dir):
+    """mlx-lm's distributed server branch: rank 0 serves HTTP and shares each request with
+    rank 1; the compressed caches live on both."""
+    folder, stats = model_folder(tmp_path, "qwen3", real_model_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(launch("-m", "triattn_mlx.server", "--model", str(folder), "--stats", str(stats),
+                                   "--port", str(port), "--budget", "96", "--window", "16", "--divide-length", "16",
+                                   "--max-tokens", "8"), stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1"),
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        body = json.dumps({"messages": [{"role": "user", "content": " ".join(f"w{i}" for i in range(300))}],
+                           "max_tokens": 8, "temperature": 0.0}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as r:
+            reply = json.loads(r.read())
+        assert reply["usage"]["prompt_tokens"] > 96 + 16 and reply["usage"]["completion_tokens"] == 8
+        assert reply["choices"][0]["message"]["content"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+    assert "Traceback" not in (tmp_path / "server.log").read_text()

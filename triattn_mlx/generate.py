@@ -10,10 +10,14 @@ what compression did is printed under mlx-lm's statistics.
 
 import contextlib
 import importlib
+import os
 import sys
 
+import mlx.core as mx
+from mlx_lm.utils import sharded_load
+
 from . import settings as settings_flags
-from .loading import load, resolve_stats
+from .loading import load, model_location, resolve_stats
 from .methods import batchable
 from .prompt_cache import CacheFactory, cache_report, compress, load_prompt_cache, model_caches
 
@@ -28,6 +32,9 @@ def setup_arg_parser():
     parser.description = "Generate text with a compressed KV cache (mlx_lm.generate + --budget)"
     group = settings_flags.add_arguments(parser, stats_fallback="estimate them from the prompt")
     group.add_argument("--no-compress", action="store_true", help="mlx-lm's full KV cache instead (for comparison)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="under mlx.launch: split the model by pipeline (layers per process) instead of "
+                             "tensor parallelism (heads per process)")
     parser.add_argument("--prompts-file", default=None,
                         help="generate for every line of this file at once, batched as mlx_lm's "
                              "batch_generate does, each sequence with its own compressed cache")
@@ -107,7 +114,16 @@ class Run:
         self.model = self.loaded = None
 
     def load(self, path, *args, **kwargs):
-        model, *rest = load(path, *args, **kwargs)
+        group = mx.distributed.init()
+        if group.size() > 1:  # under mlx.launch: mlx-lm's sharded_load, rank 0 prints
+            model, *rest = sharded_load(model_location(path), **{"pipeline_group" if self.args.pipeline else
+                                                                "tensor_group": group},
+                                        return_config=kwargs.get("return_config", False),
+                                        tokenizer_config=kwargs.get("tokenizer_config"))
+            if group.rank() != 0:
+                sys.stdout = open(os.devnull, "w")
+        else:
+            model, *rest = load(path, *args, **kwargs)
         if self.settings is None:  # --no-compress: mlx-lm's own caches, remembered for the report
             model.make_cache = CacheFactory(lambda: model_caches(model))
         else:
