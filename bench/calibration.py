@@ -58,7 +58,8 @@ def main():
             "self-calibration (the text itself)": calibrate(model, tokens, source="self"),
         }
         for name, stats in variants.items():
-            nll, kl = teacher_forced(model, tokens, make_prompt_cache(model, args.budget, stats=stats), ref)
+            nll, kl = teacher_forced(model, tokens, make_prompt_cache(model, args.budget, stats=stats,
+                                                                      prompt_mode="chunked"), ref)
             row[name] = {"ppl": perplexity(nll, args.budget), "kl": float(kl[args.budget:].mean())}
         results[kind] = row
         print(f"\n{kind} text, {len(tokens)} tokens, budget {args.budget}:")

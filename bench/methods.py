@@ -1,7 +1,9 @@
 """Every KV strategy the benchmarks compare, built the same way: name -> cache maker.
 
 All eviction methods run in the same TriAttentionKVCache (same budget, protected window
-min(128, budget / 2), divide_length 128, same selection); only the scoring differs.
+min(128, budget / 2), divide_length 128, same selection); only the scoring differs. The
+text is read as a long prompt compressed as it is read (prompt_mode "chunked"): teacher
+forcing feeds it in chunks, and no single token ever ends it.
 mlx-lm's own caches are used as they are.
 """
 
@@ -38,7 +40,7 @@ def methods(stats):
     """{name: make(model, budget) -> cache}. `stats`: calibrated on other text."""
 
     def cache(model, budget, **options):
-        return make_prompt_cache(model, budget, window=window(budget), **options)
+        return make_prompt_cache(model, budget, window=window(budget), prompt_mode="chunked", **options)
 
     def tri(**options):
         return lambda model, budget: cache(model, budget, stats=stats, **options)
@@ -68,7 +70,7 @@ def methods(stats):
         TRIATTENTION: tri(),
         "TriAttention + recent queries (z-mix 1:1)": prior_plus_recent(1.0),
         "TriAttention (window budget/4)": lambda model, budget: make_prompt_cache(
-            model, budget, window=budget // 4, stats=stats),
+            model, budget, window=budget // 4, stats=stats, prompt_mode="chunked"),
         "TriAttention (per_layer_per_head)": tri(pruning_mode="per_layer_per_head"),
         "TriAttention (self-calibrated)": lambda model, budget: cache(model, budget, stats="self"),
         "TriAttention trig term only": tri_scorer(terms="trig"),

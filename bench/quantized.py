@@ -57,7 +57,7 @@ def main():
             if budget is None:
                 cache = [QuantizedKVCache(group_size=64, bits=bits) for _ in model.layers]
             else:
-                cache = make_prompt_cache(model, budget, stats=stats, kv_bits=bits)
+                cache = make_prompt_cache(model, budget, stats=stats, kv_bits=bits, prompt_mode="chunked")
             t0 = time.perf_counter()
             nll, kl = teacher_forced(model, tokens, cache, ref)
             row = dict(text=kind, method=name, budget=budget, bits=bits, ppl=perplexity(nll, start),

@@ -107,7 +107,8 @@ def test_key_norm_scores():
 @pytest.mark.parametrize("mode", ["per_head", "per_layer_per_head"])
 def test_every_baseline_drives_the_cache_in_both_pruning_modes(tiny_model, method, mode):
     try:
-        cache = make_prompt_cache(tiny_model, 64, method=method, pruning_mode=mode, window=16, divide_length=16)
+        cache = make_prompt_cache(tiny_model, 64, method=method, pruning_mode=mode, window=16, divide_length=16,
+                                  prompt_mode="chunked")
         tokens = mx.array(np.random.default_rng(4).integers(0, 128, 400))
         for start in range(0, 400, 25):
             mx.eval(tiny_model(tokens[None, start : start + 25], cache=cache))

@@ -12,7 +12,7 @@ from mlx_lm.models.cache import save_prompt_cache
 from triattn_mlx import calibrate, make_prompt_cache, remove_query_recorders, remove_taps
 from triattn_mlx.batch import BatchTriAttentionKVCache
 
-SETTINGS = dict(budget=64, window=16, divide_length=16)
+SETTINGS = dict(budget=64, window=16, divide_length=16, prompt_mode="chunked")  # prompts compressed as read
 PREFILL = 64  # chunks of 64: long prompts are pruned during prefill, inside a right-padded batch
 LENGTHS = (300, 180, 90, 40)
 
@@ -56,7 +56,7 @@ def test_each_sequence_keeps_and_generates_what_it_would_alone(model_and_stats, 
     """4 prompts of different lengths, leaving the batch at different steps."""
     model, stats = model_and_stats
     max_tokens = [20, 8, 30, 14]
-    options = dict(SETTINGS, pruning_mode=mode, prompt_mode=prompt_mode)
+    options = dict(SETTINGS, pruning_mode=mode, prompt_mode=prompt_mode)  # observe: 32 (the default)
     caches = [make_prompt_cache(model, stats=stats, **options) for _ in LENGTHS]
     result = batch_generate(model, Tokenizer(), prompts(), prompt_caches=caches, max_tokens=max_tokens,
                             prefill_step_size=PREFILL, return_prompt_caches=True)

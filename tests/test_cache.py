@@ -10,7 +10,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, save_prompt_cache
 from triattn_mlx import Settings, StatsError, TriAttentionKVCache, calibrate, load_prompt_cache, make_prompt_cache
 from triattn_mlx.baselines import recency_scores
 
-OPTIONS = dict(budget=64, window=16, divide_length=16, sinks=2)
+OPTIONS = dict(budget=64, window=16, divide_length=16, sinks=2, prompt_mode="chunked")  # compressed as read
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def feed(model, cache, tokens, chunk):
 @pytest.mark.parametrize("mode", ["per_layer_per_head", "per_head"])
 def test_cache_stays_bounded_and_positions_stay_absolute(tiny_model, tiny_stats, mode):
     budget, divide_length = 256, 128
-    cache = make_prompt_cache(tiny_model, budget, stats=tiny_stats, pruning_mode=mode)
+    cache = make_prompt_cache(tiny_model, budget, stats=tiny_stats, pruning_mode=mode, prompt_mode="chunked")
     tokens = np.random.default_rng(2).integers(0, 128, 3100).tolist()
     chunks = [1, 7, 64, 128, 3, 100]
     pos, step = 0, 0
@@ -49,7 +49,7 @@ def test_cache_stays_bounded_and_positions_stay_absolute(tiny_model, tiny_stats,
 
 
 def test_large_chunks_are_compressed_as_they_are_read(tiny_model, tiny_stats):
-    cache = make_prompt_cache(tiny_model, 128, stats=tiny_stats, window=32)
+    cache = make_prompt_cache(tiny_model, 128, stats=tiny_stats, window=32, prompt_mode="chunked")
     tokens = np.random.default_rng(3).integers(0, 128, 2048).tolist()
     for _ in feed(tiny_model, cache, tokens, 512):
         assert all(c.size() == 128 for c in cache)  # back to budget after every chunk
@@ -126,7 +126,7 @@ def test_save_load_continues_identically(tmp_path, tiny_model, tiny_stats, mode)
     list(feed(tiny_model, cache, tokens, 50))
     assert cache[0].prune_rounds > 0
     save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
-    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"), model=tiny_model)
     assert [type(c) for c in loaded] == [TriAttentionKVCache] * len(cache)
 
     def greedy(c, steps=60):
@@ -194,7 +194,7 @@ def test_missing_stats_and_unservable_models_fail_clearly(tiny_model):
 
 def test_self_calibration_uses_the_queries_the_model_runs(tiny_stats):
     from triattn_mlx import remove_query_recorders
-    from triattn_mlx.taps import QueryRecorder
+    from triattn_mlx.taps import QueryRecorder, taps_of
 
     model = tiny_llama(seed=9)
     tokens = np.random.default_rng(8).integers(0, 128, 300).tolist()
@@ -204,19 +204,21 @@ def test_self_calibration_uses_the_queries_the_model_runs(tiny_stats):
     # The last prune (after token 300) scored with the centers of every query seen. Layer 0's
     # queries do not depend on attention, so they equal an uncompressed calibration's;
     # deeper layers' queries see the compressed cache, as they should.
-    assert isinstance(model.layers[1].self_attn.rope, QueryRecorder)
-    np.testing.assert_allclose(cache[1].scorer.q_center, model.layers[1].self_attn.rope.centers()[0])
+    recorders = taps_of(model, QueryRecorder)
+    assert set(recorders) == {0, 1}
+    scorers = [c.scorer.scorer for c in cache]  # the self-calibrated scorer under the prompt's observation
+    np.testing.assert_allclose(scorers[1].q_center, recorders[1].centers()[0])
     remove_query_recorders(model)
-    assert not isinstance(model.layers[0].self_attn.rope, QueryRecorder)
+    assert not taps_of(model, QueryRecorder)
     reference = calibrate(model, tokens)
-    np.testing.assert_allclose(cache[0].scorer.q_center, reference.q_mean[0], atol=1e-5)
-    np.testing.assert_allclose(cache[0].scorer.q_abs_mean, reference.q_abs_mean[0], atol=1e-5)
+    np.testing.assert_allclose(scorers[0].q_center, reference.q_mean[0], atol=1e-5)
+    np.testing.assert_allclose(scorers[0].q_abs_mean, reference.q_abs_mean[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("first_chunk, second_chunk", [(40, 1311), (90, 300), (1, 257)])
 def test_a_large_chunk_after_room_was_left_fits(tiny_model, tiny_stats, first_chunk, second_chunk):
     """Growth makes room for the whole chunk, however much free room the buffer had left."""
-    cache = make_prompt_cache(tiny_model, 256, stats=tiny_stats)
+    cache = make_prompt_cache(tiny_model, 256, stats=tiny_stats, prompt_mode="chunked")
     tokens = np.random.default_rng(9).integers(0, 128, first_chunk + second_chunk).tolist()
     reference = [KVCache() for _ in tiny_model.layers]
     for start, n in ((0, first_chunk), (first_chunk, second_chunk)):

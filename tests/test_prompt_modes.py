@@ -12,7 +12,7 @@ from mlx_lm.models.cache import KVCache
 
 from triattn_mlx import Settings, calibrate, make_prompt_cache, remove_taps
 from triattn_mlx.baselines import QueryAwareScorer, observation_scores
-from triattn_mlx.taps import PromptQueries
+from triattn_mlx.taps import LatestQueries
 
 OPTIONS = dict(budget=64, window=16, divide_length=16)
 
@@ -101,14 +101,12 @@ def test_the_prompt_s_last_queries_vote_at_its_end():
     def method(keys, positions, offset):  # ranks key 7 last of all
         return mx.broadcast_to(mx.abs(mx.arange(N) - 7).astype(mx.float32), (1, H, N))
 
-    tap = PromptQueries(lambda x, offset=0: x, keep=16)
-    tap.window, tap.end = mx.array(queries), offset
-    scorer = QueryAwareScorer(method, tap, window=8, weight=1.0)
-    voted = np.array(scorer(mx.array(keys), mx.array(positions), offset))[0]
+    scorer = QueryAwareScorer(method, weight=1.0)
+    voted = np.array(scorer(mx.array(keys), mx.array(positions), offset, queries=mx.array(queries)))[0]
     assert set(voted[:2].argmax(-1).tolist()) <= set(range(4, 11))  # key 7's neighbourhood, not key 399
     obs = np.array(observation_scores(mx.array(queries), mx.array(keys), mx.array(positions), offset))
     assert obs.shape == (1, H, N) and np.flatnonzero(obs[0, 0] > 0.5).tolist() == list(range(4, 11))
-    later = np.array(scorer(mx.array(keys), mx.array(positions), offset + 5))[0]  # a decode round
+    later = np.array(scorer(mx.array(keys), mx.array(positions), offset + 5))[0]  # a decode round: no window
     np.testing.assert_array_equal(later, np.array(method(None, None, None))[0])
 
 
@@ -120,14 +118,15 @@ def test_observation_keeps_what_the_prompt_end_attends_to(model_and_stats):
     try:
         cache = make_prompt_cache(model, stats=stats, prompt_mode="whole", observe=8, observe_weight=100.0,
                                   pruning_mode="per_layer_per_head", **OPTIONS)
-        assert isinstance(model.layers[0].self_attn.rope, PromptQueries)
+        assert isinstance(model.layers[0].self_attn.rope, LatestQueries)
         read(model, cache, tokens, 60)
-        tap = model.layers[0].self_attn.rope
+        window = cache[0]._window  # the prompt's last 8 queries, as layer 0 saw them
+        assert window.shape[2] == 8 and cache[0]._window_count.tolist() == [8]
         keys, positions = cache[0].keys[..., : cache[0].size(), :], cache[0].token_positions()
         # the observation of the full prompt, recomputed: its top tokens must have been kept
         full = [KVCache() for _ in model.layers]
         read(model, full, tokens, 60)
-        obs = observation_scores(tap.window[:, :, -8:], full[0].keys[..., :240, :],
+        obs = observation_scores(window, full[0].keys[..., :240, :],
                                  mx.broadcast_to(mx.arange(240)[None, None], (1, 2, 240)), 240)
         top = np.argsort(-np.array(obs)[0].reshape(2, 2, 240).max(1), axis=-1)[:, :5]
         kept = np.array(positions)[0]

@@ -15,7 +15,7 @@ from triattn_mlx import (
     make_prompt_cache,
 )
 
-OPTIONS = dict(budget=64, window=16, divide_length=16, sinks=2)
+OPTIONS = dict(budget=64, window=16, divide_length=16, sinks=2, prompt_mode="chunked")  # compressed as read
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_quantized_save_load_continues_identically(tmp_path, model, stats, mode)
     cache = make_prompt_cache(model, stats=stats, pruning_mode=mode, kv_bits=8, **OPTIONS)
     feed(model, cache, np.random.default_rng(5).integers(0, 128, 150).tolist(), 50)
     save_prompt_cache(str(tmp_path / "q.safetensors"), cache)
-    loaded = load_prompt_cache(str(tmp_path / "q.safetensors"))
+    loaded = load_prompt_cache(str(tmp_path / "q.safetensors"), model=model)
     assert [type(c) for c in loaded] == [QuantizedTriAttentionKVCache] * len(cache)
     assert loaded[0].bits == 8 and loaded[0].group_size == 64
     tokens = np.random.default_rng(6).integers(0, 128, 90).tolist()
@@ -128,7 +128,7 @@ def test_kv_memory_at_32k_with_budget_4096_and_4_bits_is_25x_smaller():
     from triattn_mlx.baselines import recency_scores
 
     full = KVCache()
-    settings = Settings(budget=4096, kv_bits=4, kv_group_size=64)
+    settings = Settings(budget=4096, kv_bits=4, kv_group_size=64, prompt_mode="chunked")
     ours = QuantizedTriAttentionKVCache(settings=settings, scorer=recency_scores)
     for start in range(0, 32768, 2048):
         k = mx.random.normal((1, 8, 2048, 128)).astype(mx.float16)

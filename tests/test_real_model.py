@@ -92,7 +92,7 @@ def test_saved_compressed_cache_continues_identically(tmp_path, real_model, real
     assert cache[0].prune_rounds > 0 and cache[0].size() < 320
     path = str(tmp_path / "prompt.safetensors")
     save_prompt_cache(path, cache, {"note": "compressed"})
-    loaded, meta = load_prompt_cache(path, return_metadata=True)
+    loaded, meta = load_prompt_cache(path, return_metadata=True, model=model)
     assert meta == {"note": "compressed"}
     first = tokens[-1]
     original, reloaded = greedy(model, cache, first, 80), greedy(model, loaded, first, 80)

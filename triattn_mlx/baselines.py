@@ -117,24 +117,27 @@ def observation_scores(queries, keys, positions, offset, kernel=7):
 
 
 class QueryAwareScorer:
-    """A prompt's last queries vote beside a method's score: at the round that ends a prompt
-    (its observation window ends at the cache offset), z(score) + weight * z(observation),
-    per query head; in every other round, the method's score alone."""
+    """A prompt's last queries vote beside a method's score: in the round that ends a
+    prompt, the cache passes its observation window (`queries`: the prompt's last real
+    queries, [B, H, M, D]) and the score is z(method) + weight * z(observation), per query
+    head; in every other round, the method's score alone."""
 
-    takes_rows = True
+    observes = True
 
-    def __init__(self, scorer, tap, window=32, weight=1.0):
-        self.scorer, self.tap, self.window, self.weight = scorer, tap, window, weight
+    def __init__(self, scorer, weight=1.0):
+        self.scorer, self.weight = scorer, weight
+        self.reads_quantized = getattr(scorer, "reads_quantized", False)
 
-    def __call__(self, keys, positions, offset, rows=None):
+    def __call__(self, keys, positions, offset, queries=None):
         raw = self.scorer(keys, positions, offset)
-        queries = self.tap.observed(offset, rows, self.window)
         if queries is None:
             return raw
+        if hasattr(keys, "dequantize"):  # quantized storage: attention reads the values it stands for
+            keys = keys.dequantize()
         return zscore(raw) + self.weight * zscore(observation_scores(queries, keys, positions, offset))
 
     def __deepcopy__(self, memo):
-        return self  # the method's scorer and the model's tap: nothing of a sequence's own
+        return self  # the method's scorer: nothing of a sequence's own
 
 
 class RKVScorer(SnapKVScorer):

@@ -19,14 +19,15 @@ from .cache import TriAttentionKVCache
 from .groups import forming_group
 from .methods import Unsaveable, check_batchable
 
-ROW_FIELDS = ("_first", "_shift", "_garbage", "_trim_from", "_rounds", "_reading", "_prompt_end")  # per-row bookkeeping
+ROW_FIELDS = ("_first", "_shift", "_garbage", "_trim_from", "_rounds", "_reading", "_prompt_end", "_ending",
+              "_window_count")  # per-row bookkeeping (the observation window is an array of rows too)
 
 
 class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKVCache):
     _eval_on_compact = True  # each layer's compaction frees its old buffers before the next's
 
-    def __init__(self, *, settings, scorer, left_padding, group=None):
-        super().__init__(settings=settings, scorer=scorer, group=group)
+    def __init__(self, *, settings, scorer, left_padding, group=None, observer=None):
+        super().__init__(settings=settings, scorer=scorer, group=group, observer=observer)
         self._init_rows(len(left_padding))
         self._shift -= np.asarray(left_padding, np.int64)
         self._update_schedule()
@@ -44,7 +45,8 @@ class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKV
         group = None
         if head.group is not None:
             group = forming_group(("merge", *(c.group.id for c in caches)), len(head.group.members))
-        batch = cls(settings=head.settings, scorer=head.scorer, left_padding=[0] * len(caches), group=group)
+        batch = cls(settings=head.settings, scorer=head.scorer, left_padding=[0] * len(caches), group=group,
+                    observer=head.observer)
         held = [c for c in caches if c.keys is not None]
         if held:
             L = max(c.size() for c in caches)
@@ -57,8 +59,10 @@ class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKV
         batch._shift = np.array([c.offset for c in caches], np.int64) - batch._idx
         batch._trim_from = batch._idx - np.array([c.trimmable_tokens for c in caches], np.int64)
         batch._rounds = np.array([c.prune_rounds for c in caches], np.int64)
-        batch._reading = np.array([c._reading is not None and bool(c._reading[0]) for c in caches])
-        batch._prompt_end = np.array([0 if c._prompt_end is None else int(c._prompt_end[0]) for c in caches], np.int64)
+        for name in ROW_FIELDS[5:]:
+            setattr(batch, name, np.concatenate([np.zeros(1, getattr(batch, name).dtype) if getattr(c, name) is None
+                                                 else getattr(c, name)[:1] for c in caches]))
+        batch._window = _stacked_windows([(c._window, 1) for c in caches])
         batch._update_schedule()
         return batch
 
@@ -66,7 +70,7 @@ class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKV
         group = None
         if self.group is not None:
             group = forming_group(("extract", self.group.id, idx), len(self.group.members))
-        cache = TriAttentionKVCache(settings=self.settings, scorer=self.scorer, group=group)
+        cache = TriAttentionKVCache(settings=self.settings, scorer=self.scorer, group=group, observer=self.observer)
         start, end = int(self._first[idx]), self._idx - int(self._garbage[idx])
         if end > start:
             self._materialize()
@@ -77,7 +81,9 @@ class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKV
         cache._idx = cache._stored = n
         cache._trim_from[:] = n - min(end - int(self._trim_from[idx]), n)
         cache._rounds[:] = self._rounds[idx]
-        cache._reading[:], cache._prompt_end[:] = self._reading[idx], self._prompt_end[idx]
+        for name in ROW_FIELDS[5:]:
+            getattr(cache, name)[:] = getattr(self, name)[idx]
+        cache._window = None if self._window is None else self._window[idx : idx + 1]
         cache._update_schedule()
         return cache
 
@@ -147,6 +153,8 @@ class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKV
             self._idx = self._stored = content
         for name in ROW_FIELDS:
             setattr(self, name, getattr(self, name)[idx])
+        if self._window is not None:
+            self._window = self._window[mx.array(idx.astype(np.int32))]
         self._update_schedule()
 
     def extend(self, other):
@@ -159,6 +167,7 @@ class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKV
             self.keys, self.values, self.positions = (mx.concatenate(x, axis=0) for x in zip(*parts))
         for c in (self, other):  # each batch's bookkeeping, moved to slots ending at L
             c._first, c._trim_from, c._shift = c._first + L - c._idx, c._trim_from + L - c._idx, c._shift - L + c._idx
+        self._window = _stacked_windows([(self._window, len(self._first)), (other._window, len(other._first))])
         for name in ROW_FIELDS:
             setattr(self, name, np.concatenate([getattr(self, name), getattr(other, name)]))
         self._idx = self._stored = L
@@ -176,6 +185,15 @@ class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKV
 
     def trim(self, n):
         return 0
+
+
+def _stacked_windows(windows):
+    """One observation window for rows joined from [(window or None, rows)]: a missing one
+    is zeros (its rows' counts are 0: they have none)."""
+    like = next((w for w, _ in windows if w is not None), None)
+    if like is None:
+        return None
+    return mx.concatenate([w if w is not None else mx.zeros((n, *like.shape[1:]), like.dtype) for w, n in windows])
 
 
 def _left_padded(cache, L, like):

@@ -48,7 +48,7 @@ class TriAttentionKVCache(_BaseCache):
         if batch_form_of is not None:
             batch_form_of._batch_form = cls
 
-    def __init__(self, *, settings, scorer, group=None, measure_prune_time=False):
+    def __init__(self, *, settings, scorer, group=None, observer=None, measure_prune_time=False):
         if not isinstance(settings, Settings):
             raise TypeError(f"settings must be a triattn_mlx.Settings, got {type(settings).__name__}")
         if not callable(scorer):
@@ -56,6 +56,9 @@ class TriAttentionKVCache(_BaseCache):
         self.settings, self.scorer, self.group = settings, scorer, group
         if group is not None:
             group.add(self)
+        # settings.observe: the layer's rope tap hands over each call's queries; the cache
+        # keeps the last `observe` real ones per row while a prompt is read (its window)
+        self.observer, self._window, self._chunk_real = observer, None, None
         self.keys = self.values = self.positions = None
         self._idx = self._stored = 0  # slots held; slots whose positions are stored
         self._first = None  # per row, np.int64 [B]: first slot of its real tokens
@@ -64,6 +67,8 @@ class TriAttentionKVCache(_BaseCache):
         self._trim_from = None  # per row: slots from here are trimmable (in every head)
         self._rounds = None  # per row: prune rounds
         self._reading = None  # per row: a prompt is being read (tokens arrive several per call)
+        self._ending = None  # per row: this call's token ends a prompt
+        self._window_count = None  # per row: real queries in the observation window
         self._prompt_end = None  # per row: position after the last prompt read (prompt_mode "keep")
         self._reading_any = False
         self._pending = None  # right-padded prompt: real tokens still to come per row
@@ -78,6 +83,7 @@ class TriAttentionKVCache(_BaseCache):
         self._shift = np.full(B, start, np.int64)
         self._trim_from, self._rounds = np.zeros(B, np.int64), np.zeros(B, np.int64)
         self._reading, self._prompt_end = np.zeros(B, bool), np.zeros(B, np.int64)
+        self._ending, self._window_count = np.zeros(B, bool), np.zeros(B, np.int64)
 
     # -- the mlx-lm cache surface ---------------------------------------------------------
     def update_and_fetch(self, keys, values):
@@ -85,9 +91,12 @@ class TriAttentionKVCache(_BaseCache):
         self._append(keys, values)
         held = self._held()
         if N > 1 or self._reading_any:  # a prompt chunk, or the single token that ends a prompt
+            if self.observer is not None:
+                self._observe(N)
             due = self._prompt_due(N)
             if due.any():
                 self._prune(due)
+            self._ending[:] = False
         elif self._idx >= self._due_at:
             self._prune()
         return held
@@ -191,6 +200,7 @@ class TriAttentionKVCache(_BaseCache):
             buffer[..., self._idx : end, :] = x
 
         tree_map(write, (self.keys, self.values), new)
+        self._chunk_real = None
         padded = self._padded_input
         if padded:
             self._mark_padded(N)
@@ -212,6 +222,7 @@ class TriAttentionKVCache(_BaseCache):
         self._first += left
         self._trim_from = np.maximum(self._trim_from, self._first)
         self._garbage += N - real.sum(1) - left  # right padding: after the row's real tokens
+        self._chunk_real = real
         marked = mx.array(np.where(real, pos, -1).astype(np.int32))
         B, n_kv = self.positions.shape[:2]
         self.positions[..., self._idx : self._idx + N] = mx.broadcast_to(marked[:, None], (B, n_kv, N))
@@ -223,6 +234,31 @@ class TriAttentionKVCache(_BaseCache):
             self.positions[..., self._stored : self._idx] = self.token_positions()[..., self._stored :]
             self._stored = self._idx
 
+    def _observe(self, N):
+        """Keep, per row, the last `observe` real queries of the prompt being read: the
+        window that votes when the prompt ends (padding's queries are skipped: a row's real
+        tokens are contiguous in a chunk, its left padding before them, its right after)."""
+        B, W = len(self._first), self.settings.observe
+        queries = self.observer.take(B, N)
+        if queries is None:
+            return
+        H, D = queries.shape[1], queries.shape[3]
+        held = self._window if self._window is not None else mx.zeros((B, H, W, D), queries.dtype)
+        both = mx.concatenate([held, queries], axis=2)  # [B, H, W + N, D]
+        if self._chunk_real is None:  # every new query is real
+            window, added = both[:, :, -W:], N
+        else:
+            real = self._chunk_real
+            added = real.sum(1)
+            end = W + np.where(added > 0, real.argmax(1), 0) + added  # after the row's last real query
+            index = np.clip(end[:, None] - W + np.arange(W)[None], 0, W + N - 1).astype(np.int32)
+            window = mx.take_along_axis(both, mx.broadcast_to(mx.array(index)[:, None, :, None], (B, H, W, D)),
+                                        axis=2)
+        # A copy, computed now: a lazy slice would keep the whole chunk's queries alive.
+        self._window = mx.contiguous(window)
+        mx.async_eval(self._window)
+        self._window_count = np.minimum(self._window_count + added, W)
+
     def _prompt_due(self, N):
         """Rows to prune after a prompt chunk (N > 1 tokens: while a prompt is read, rows over
         the reading limit) or after the single token that ends a prompt (those rows prune to
@@ -233,7 +269,7 @@ class TriAttentionKVCache(_BaseCache):
             self._reading[:], self._reading_any = True, True
             limit = s.reading_limit
             return real >= limit if limit is not None else np.zeros_like(self._reading)
-        ending = self._reading.copy()
+        ending = self._ending = self._reading.copy()
         self._reading[:], self._reading_any = False, False
         self._prompt_end = np.where(ending, self._shift + self._idx - self._garbage, self._prompt_end)
         self._update_schedule()
@@ -258,7 +294,8 @@ class TriAttentionKVCache(_BaseCache):
     def _due_views(self, due=None):
         """Rows due for pruning (`due`, else those at budget + divide_length), grouped by where
         their real tokens lie and what they keep: {(start, end, offset, budget, protected
-        below): (rows, keys, positions)}, keys/positions [len(rows), H_kv, end - start, ...].
+        below, ends a prompt): (rows, keys, positions)}, keys/positions [len(rows), H_kv,
+        end - start, ...].
         Rows in step (a single sequence, a batch in step) are scored in one call."""
         s = self.settings
         ends = self._idx - self._garbage
@@ -269,7 +306,7 @@ class TriAttentionKVCache(_BaseCache):
         groups = {}
         for b in np.flatnonzero(due):
             start, end = int(self._first[b]), int(ends[b])
-            key = (start, end, int(self._shift[b]) + end, int(budgets[b]), int(below[b]))
+            key = (start, end, int(self._shift[b]) + end, int(budgets[b]), int(below[b]), bool(self._ending[b]))
             groups.setdefault(key, []).append(int(b))
         positions = self.token_positions()
         views = {}
@@ -292,7 +329,7 @@ class TriAttentionKVCache(_BaseCache):
         n_kv, window = first(self.keys).shape[1], self.settings.window
         # z-normalized over the tokens that may be evicted: the protected ones (window,
         # sinks, a kept prompt) are kept whatever they score and must not skew the others
-        scores = {key: head_scores(self._score(keys, positions, key[2], rows), n_kv,
+        scores = {key: head_scores(self._score(keys, positions, key[2], rows, key[5]), n_kv,
                                    ~protected_tokens(positions, key[2], window, key[4]))
                   for key, (rows, keys, positions) in views.items()}
         if self._eval_on_compact or timed:
@@ -310,10 +347,13 @@ class TriAttentionKVCache(_BaseCache):
             self.prune_phases["select_compact"] += end - scored
             self.prune_seconds += end - start
 
-    def _score(self, keys, positions, offset, rows):
-        if getattr(self.scorer, "takes_rows", False):  # a scorer reading per-row model state
-            return self.scorer(keys, positions, offset, rows=rows)
-        return self.scorer(keys, positions, offset)
+    def _score(self, keys, positions, offset, rows, ending):
+        if not getattr(self.scorer, "observes", False):
+            return self.scorer(keys, positions, offset)
+        queries = None  # the prompt's last queries vote in the round that ends it
+        if ending and self._window is not None and (self._window_count[rows] >= self.settings.observe).all():
+            queries = self._window if len(rows) == len(self._first) else mx.take(self._window, mx.array(rows), axis=0)
+        return self.scorer(keys, positions, offset, queries=queries)
 
     def _select(self, views, scores):
         """[(rows, start, keep)]: keep [len(rows), H_kv, budget] indices into the rows' slots
@@ -376,7 +416,8 @@ class TriAttentionKVCache(_BaseCache):
                 "rows": [self.offset, self.trimmable_tokens, self.prune_rounds,
                          0 if self._prompt_end is None else int(self._prompt_end[0]),
                          0 if self._reading is None else int(self._reading[0])],
-                "group": group, "scorer": saved_scorer(self.scorer)}
+                "group": group, "scorer": saved_scorer(self.scorer),
+                "window": self._window, "window_count": None if self._window is None else self._window_count.tolist()}
 
     @state.setter
     def state(self, v):
@@ -387,7 +428,7 @@ class TriAttentionKVCache(_BaseCache):
             # load_prompt_cache rebuilds the layers one by one: they rejoin one group
             group_id, size = v["group"].split(":")
             group = forming_group(("load", group_id), int(size))
-        TriAttentionKVCache.__init__(self, settings=settings, scorer=restore_scorer(v["scorer"]), group=group)
+        TriAttentionKVCache.__init__(self, settings=settings, scorer=restore_scorer(v["scorer"], settings), group=group)
         if v["tokens"] is not None:
             # load_prompt_cache gives nested lists where tuples were saved
             self.keys, self.values, self.positions = (tuple(x) if isinstance(x, list) else x for x in v["tokens"])
@@ -397,6 +438,9 @@ class TriAttentionKVCache(_BaseCache):
             self._trim_from[:] = n - trimmable
             self._rounds[:] = rounds
             self._prompt_end[:], self._reading[:] = prompt_end, bool(reading)
+            if v.get("window") is not None:  # a prompt's observation window (load_prompt_cache(model=) reattaches
+                self._window = v["window"]  # the rope tap that extends it)
+                self._window_count[:] = [int(x) for x in v["window_count"]]
             self._update_schedule()
 
 
@@ -407,8 +451,9 @@ class QuantizedTriAttentionKVCache(TriAttentionKVCache):
     dequantizes them in registers; on CPU MLX ops dequantize first); other scorers get
     dequantized keys. Selection compacts the packed storage in place."""
 
-    def __init__(self, *, settings, scorer, group=None, measure_prune_time=False):
-        super().__init__(settings=settings, scorer=scorer, group=group, measure_prune_time=measure_prune_time)
+    def __init__(self, *, settings, scorer, group=None, observer=None, measure_prune_time=False):
+        super().__init__(settings=settings, scorer=scorer, group=group, observer=observer,
+                         measure_prune_time=measure_prune_time)
         self.bits, self.group_size = settings.kv_bits, settings.kv_group_size
 
     def _storage_form(self, keys, values):

@@ -19,7 +19,7 @@ from mlx_lm.utils import sharded_load
 from . import settings as settings_flags
 from .loading import load, model_location, resolve_stats
 from .methods import batchable
-from .prompt_cache import CacheFactory, cache_report, compress, load_prompt_cache, model_caches
+from .prompt_cache import CacheFactory, attach, cache_report, compress, load_prompt_cache, model_caches
 
 # The module, not the function mlx_lm/__init__ exports under the same name.
 mlx_generate = importlib.import_module("mlx_lm.generate")
@@ -131,6 +131,8 @@ class Run:
             stats = stats_for(model, self.args, self.settings, log)
             compress(model, self.settings, stats=stats)
         self.model = model
+        if self.loaded is not None:  # --prompt-cache-file was read first: its caches observe through this model
+            attach(self.loaded, model)
         return (model, *rest)
 
     def load_prompt_cache(self, *args, **kwargs):

@@ -10,7 +10,7 @@ from .baselines import (
     recency_scores,
 )
 from .scoring import SelfCalibratedScorer, TriAttentionScorer
-from .taps import install_prompt_queries, install_query_recorders, install_recent_queries
+from .taps import install_query_recorders, install_recent_queries
 
 STATELESS = {"streamingllm": recency_scores, "key_norm": key_norm_scores, "random": random_scores}
 # These read the model's live queries (RecentQueries taps on its ropes): their caches can
@@ -37,11 +37,15 @@ def layer_scorers(model, settings, stats, infos, shard):
     whole model: `shard` says which of its layers and heads this process holds. With
     settings.observe, TriAttention's scorers also hear the prompt's last queries."""
     scorers = method_scorers(model, settings.method, stats, infos, shard)
-    if settings.method != "triattention" or settings.observe == 0:
+    if not observes(settings):
         return scorers
-    taps = install_prompt_queries(model, settings.observe)
-    return {i: QueryAwareScorer(scorer, taps[i], settings.observe, settings.observe_weight)
-            for i, scorer in scorers.items()}
+    return {i: QueryAwareScorer(scorer, settings.observe_weight) for i, scorer in scorers.items()}
+
+
+def observes(settings):
+    """Whether caches with these settings keep an observation window (TriAttention only:
+    SnapKV and R-KV are observation methods themselves)."""
+    return settings.method == "triattention" and settings.observe > 0
 
 
 def method_scorers(model, method, stats, infos, shard):
@@ -85,11 +89,12 @@ def saved_scorer(scorer):
     return Unsaveable(f"this compressed cache cannot be saved: {what} (method triattention caches can)")
 
 
-def restore_scorer(saved):
+def restore_scorer(saved, settings):
     state = dict(saved)
     method = state.pop("method")
     if method == "triattention":
-        return TriAttentionScorer.from_state(state)
+        scorer = TriAttentionScorer.from_state(state)
+        return QueryAwareScorer(scorer, settings.observe_weight) if observes(settings) else scorer
     if method in STATELESS:
         return STATELESS[method]
     raise ValueError(f"a saved cache names an unknown method {method!r}")

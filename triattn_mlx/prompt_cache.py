@@ -10,10 +10,11 @@ from mlx_lm.models.cache import KVCache
 from .batch import BatchTriAttentionKVCache
 from .cache import QuantizedTriAttentionKVCache, TriAttentionKVCache
 from .groups import SharedSelection
-from .methods import layer_scorers
+from .methods import layer_scorers, observes
 from .model_info import attention_info, attention_module, model_layers, model_shard
 from .settings import settings_of
 from .stats import Stats, load_stats, validate_stats
+from .taps import install_latest_queries
 
 
 def model_caches(model):
@@ -47,15 +48,19 @@ def make_prompt_cache(model, settings=None, *, stats=None, scorer_factory=None, 
     if not infos:
         raise ValueError(f"{type(model).__name__} has no full-attention layer with a plain KV cache: "
                          "there is nothing to compress in this model")
+    taps = {}
     if scorer_factory is not None:
         scorers = {i: scorer_factory(i, info) for i, info in infos.items()}
     else:
         scorers = layer_scorers(model, settings, resolve(stats, model, settings.method), infos, model_shard(model))
+        if observes(settings):  # the caches take each call's queries from their layer's rope
+            taps = install_latest_queries(model)
     group = SharedSelection() if settings.pruning_mode == "per_head" else None
     kind = TriAttentionKVCache if settings.kv_bits is None else QuantizedTriAttentionKVCache
     caches = list(base)
     for i, scorer in scorers.items():
-        caches[i] = kind(settings=settings, scorer=scorer, group=group, measure_prune_time=measure_prune_time)
+        caches[i] = kind(settings=settings, scorer=scorer, group=group, observer=taps.get(i),
+                         measure_prune_time=measure_prune_time)
     return caches
 
 
@@ -129,10 +134,24 @@ def cache_classes_registered():
                 setattr(mlx_cache, name, value)
 
 
-def load_prompt_cache(file_name, return_metadata=False):
-    """mlx_lm's load_prompt_cache for files holding compressed caches too."""
+def load_prompt_cache(file_name, return_metadata=False, model=None):
+    """mlx_lm's load_prompt_cache for files holding compressed caches too. With `model`,
+    caches whose settings observe the prompt's last queries get their layer's rope tap
+    back (without it they keep the window they were saved with, but cannot extend it)."""
     with cache_classes_registered():
-        return mlx_cache.load_prompt_cache(file_name, return_metadata=return_metadata)
+        result = mlx_cache.load_prompt_cache(file_name, return_metadata=return_metadata)
+    if model is not None:
+        attach(result[0] if return_metadata else result, model)
+    return result
+
+
+def attach(caches, model):
+    """Give loaded caches that observe prompts their layer's rope tap on `model`."""
+    if any(isinstance(c, TriAttentionKVCache) and observes(c.settings) for c in caches):
+        taps = install_latest_queries(model)
+        for i, cache in enumerate(caches):
+            if isinstance(cache, TriAttentionKVCache) and observes(cache.settings):
+                cache.observer = taps.get(i)
 
 
 def cache_report(caches):

@@ -38,9 +38,9 @@ class Settings:
     method: str = "triattention"
     kv_bits: int | None = None  # store kept tokens quantized (mlx-lm's QuantizedKVCache layout)
     kv_group_size: int = 64
-    prompt_mode: str = "chunked"
+    prompt_mode: str = "whole"
     prefill_limit: int | None = None  # "whole": tokens held at most while reading (None: 4 x budget)
-    observe: int = 0  # last prompt queries whose attention votes at the prompt's end (0: none)
+    observe: int = 32  # last prompt queries whose attention votes at the prompt's end (0: none)
     observe_weight: float = 1.0  # their z-scored attention's weight beside the method's score
 
     @property
@@ -125,9 +125,10 @@ def add_arguments(parser, stats_fallback):
                        help="how cached keys are scored: triattention (default) or a baseline "
                             "(streamingllm, snapkv, h2o, rkv, key_norm, random)")
     group.add_argument("--prompt-mode", choices=PROMPT_MODES, default=defaults.prompt_mode,
-                       help="whole (default): read the prompt whole, then keep what its last queries "
-                            "attend to and what the method scores highest; chunked: compress while "
-                            "reading; keep: never evict the prompt, compress generated tokens only")
+                       help="whole (default): read the prompt whole (up to --prefill-limit tokens), then "
+                            "keep what its last queries attend to and what the method scores highest; "
+                            "chunked: compress while reading; keep: never evict the prompt, compress "
+                            "generated tokens only")
     group.add_argument("--prefill-limit", type=int, default=None,
                        help="whole: most tokens held while a prompt is read (default: 4 x budget); "
                             "longer prompts are compressed in rounds as they are read")

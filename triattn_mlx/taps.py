@@ -99,75 +99,97 @@ class RecentQueries(RopeTap):
         return new
 
 
-class PromptQueries(RopeTap):
-    """The newest `keep` post-RoPE queries of the prompt being read (calls of several tokens,
-    and the single token that ends them), per row, with the position after them (`end`:
-    an int, or [B] for a batch). Decoding adds nothing, so after a prompt ends this is its
-    observation window until the next prompt."""
+class LatestQueries(RopeTap):
+    """Hands the post-RoPE queries of each call to the layer's cache: the attention ropes
+    its queries, then its keys, then updates the cache, so the cache's update_and_fetch
+    `take`s the queries of its own call (the cache keeps what it needs: an observation
+    window per row, settings.observe)."""
 
-    def __init__(self, rope, keep):
+    def __init__(self, rope):
         super().__init__(rope)
-        self.keep, self.window, self.end, self.reading = keep, None, None, False
+        self.latest = None
 
     def on_queries(self, pre_rope, rotated, offset):
-        N = rotated.shape[2]
-        if N == 1 and not self.reading:
-            return
-        self.reading = N > 1
-        start = offset if isinstance(offset, int) else np.array(offset, np.int64)
-        follows = self.window is not None and np.array_equal(self.end, start)
-        both = mx.concatenate([self.window, rotated], axis=2) if follows else rotated
-        # A copy, computed now: a lazy slice would keep the whole chunk's queries alive.
-        self.window = mx.contiguous(both[:, :, -self.keep :])
-        mx.async_eval(self.window)
-        self.end = start + N
+        self.latest = rotated
 
-    def observed(self, offset, rows, n):
-        """The last n queries before `offset` of the given batch rows ([len(rows), H, n, D]),
-        or None when this tap's window does not end there (rows mid-padding, a decode round)."""
-        if self.window is None or self.window.shape[2] < n:
+    def take(self, batch, length):
+        """This call's queries [batch, H, length, D], or None when the latest are not theirs."""
+        queries, self.latest = self.latest, None
+        if queries is None or queries.shape[0] != batch or queries.shape[2] != length:
             return None
-        ends = np.broadcast_to(np.asarray(self.end), (self.window.shape[0],))
-        rows = list(range(len(ends))) if rows is None else rows
-        if not (ends[rows] == offset).all():
-            return None
-        window = self.window if len(rows) == len(ends) else self.window[mx.array(rows)]
-        return window[:, :, -n:]
+        return queries
 
 
-def install(model, make):
-    """Wrap every attention's rope: make(attention, its own rope) -> tap. {layer index: tap}."""
+def install(model, kind, make, reuse=False):
+    """Put a tap of `kind` on every attention's rope: make(attention, rope) -> tap, wrapping
+    whatever taps of other kinds are there already (each sees every call). A tap of `kind`
+    already there is replaced, or with `reuse` kept. {layer index: tap}."""
     taps = {}
     for i, layer in enumerate(model_layers(model)):
         attn = attention_module(layer)
-        if attn is not None:
-            attn["rope"] = taps[i] = make(attn, own_rope(attn))  # a Module is a dict: swap the entry
+        if attn is None:
+            continue
+        found = next((t for t in _chain(attn) if isinstance(t, kind)), None)
+        if found is not None and reuse:
+            taps[i] = found
+            continue
+        if found is not None:
+            _splice_out(attn, kind)
+        attn["rope"] = taps[i] = make(attn, attn.rope)  # a Module is a dict: swap the entry
     return taps
 
 
+def taps_of(model, kind):
+    """{layer index: the tap of `kind` on its rope} (layers without one left out)."""
+    found = {}
+    for i, layer in enumerate(model_layers(model)):
+        attn = attention_module(layer)
+        tap = None if attn is None else next((t for t in _chain(attn) if isinstance(t, kind)), None)
+        if tap is not None:
+            found[i] = tap
+    return found
+
+
+def _chain(attn):
+    """The taps standing in for an attention's rope, outermost first."""
+    tap, chain = attn.rope, []
+    while isinstance(tap, RopeTap):
+        chain.append(tap)
+        tap = tap.rope
+    return chain
+
+
+def _splice_out(attn, kind):
+    """Take the taps of `kind` out of the attention's chain, keeping the others."""
+    kept = [t for t in _chain(attn) if not isinstance(t, kind)]
+    inner = own_rope(attn)
+    for tap in reversed(kept):
+        tap.rope, inner = inner, tap
+    attn["rope"] = inner
+
+
 def install_query_recorders(model):
-    """Wrap every attention's rope in a fresh QueryRecorder: {layer index: recorder}."""
-    return install(model, lambda attn, rope: QueryRecorder(rope, attention_info(attn)))
+    """A fresh QueryRecorder on every attention's rope: {layer index: recorder}."""
+    return install(model, QueryRecorder, lambda attn, rope: QueryRecorder(rope, attention_info(attn)))
 
 
-def install_prompt_queries(model, keep):
-    """A PromptQueries tap on every attention's rope: {layer index: tap}."""
-    return install(model, lambda attn, rope: attn.rope if isinstance(attn.rope, PromptQueries)
-                   and attn.rope.keep >= keep else PromptQueries(rope, keep))
+def install_latest_queries(model):
+    """A LatestQueries tap on every attention's rope (those already there stay): {layer: tap}."""
+    return install(model, LatestQueries, lambda attn, rope: LatestQueries(rope), reuse=True)
 
 
 def install_recent_queries(model):
     """A RecentQueries tap on every attention's rope: {layer index: tap}. Taps already there
     stay (caches made earlier, e.g. kept in a server's prompt cache, read through them)."""
-    return install(model, lambda attn, rope: attn.rope if isinstance(attn.rope, RecentQueries) else RecentQueries(rope))
+    return install(model, RecentQueries, lambda attn, rope: RecentQueries(rope), reuse=True)
 
 
 def remove_taps(model, kind=RopeTap):
-    """Put back the ropes that taps of `kind` wrapped (every tap by default)."""
+    """Take the taps of `kind` (every tap by default) off the model's ropes."""
     for layer in model_layers(model):
         attn = attention_module(layer)
-        if attn is not None and isinstance(attn.rope, kind):
-            attn["rope"] = own_rope(attn)
+        if attn is not None:
+            _splice_out(attn, kind)
 
 
 def remove_query_recorders(model):

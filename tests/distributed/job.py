@@ -3,7 +3,6 @@ reference): load the model folder as mlx-lm's distributed runs do (sharded_load:
 parallelism, or pipeline with --pipeline), compress, generate greedily through mlx-lm's
 generate_step, and write what this rank saw to OUT.<rank>.json."""
 
-import triattn_mlx  # noqa: F401  (first: OpenBLAS preload)
 import argparse
 import json
 
@@ -11,6 +10,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load, sharded_load
 
+import triattn_mlx  # noqa: F401  (first: OpenBLAS preload)
 from triattn_mlx import cache_report, load_stats, make_prompt_cache
 
 parser = argparse.ArgumentParser()
