@@ -228,3 +228,18 @@ def test_a_large_chunk_after_room_was_left_fits(tiny_model, tiny_stats, first_ch
     total = first_chunk + second_chunk
     assert cache[0].offset == reference[0].offset == total
     assert cache[0].size() == (256 if total >= 256 + 128 else total)
+
+
+def test_decoding_compacts_only_when_a_round_is_due(tiny_model, tiny_stats, monkeypatch):
+    """Between rounds a decode step only appends: the buffer is rebuilt once a round (a
+    schedule that said 'due' every step once rebuilt it on every token)."""
+    compactions = []
+    original = TriAttentionKVCache._compact
+    monkeypatch.setattr(TriAttentionKVCache, "_compact",
+                        lambda self, *a, **k: (compactions.append(1), original(self, *a, **k))[1])
+    cache = make_prompt_cache(tiny_model, stats=tiny_stats, pruning_mode="per_layer_per_head", **OPTIONS)
+    list(feed(tiny_model, cache, list(range(70)), 70))  # 70 < 64 + 16: no round yet
+    for token in range(64):
+        tiny_model(mx.array([[token]]), cache=cache)
+    assert cache[0].prune_rounds == 4  # at 80, 96, 112, 128 tokens held... every 16 steps
+    assert len(compactions) == 4 * len(cache)

@@ -287,7 +287,8 @@ class TriAttentionKVCache(_BaseCache):
     def _update_schedule(self):
         """After rows changed: when the next row is due, and whether input may hold padding."""
         s = self.settings
-        self._due_at = int((self._first + self._garbage + self._budgets()).min(initial=0)) + s.divide_length
+        # (no rows, after a batch filtered them all: never due)
+        self._due_at = int((self._first + self._garbage + self._budgets()).min(initial=2**62)) + s.divide_length
         self._padded_input = self._pending is not None or bool((self._shift + self._idx < 0).any())
         self._reading_any = bool(self._reading.any())
 
@@ -322,6 +323,8 @@ class TriAttentionKVCache(_BaseCache):
 
     def _prune(self, due=None):
         views = self._due_views(due)
+        if not views:
+            return
         timed = self.measure_prune_time
         if timed:
             mx.eval([v[1:] for v in views.values()])  # what the forward pass owes is not scoring time
