@@ -35,13 +35,15 @@ def key_norm_scores(keys, positions, offset):
 
 def attention_probs(queries, keys, q_positions, k_positions):
     """Causal softmax attention of queries over the held keys, per query head:
-    queries [B, H, M, D], keys [B, H_kv, N, D] -> [B, H, M, N] float32."""
+    queries [B, H, M, D], keys [B, H_kv, N, D] -> [B, H, M, N] float32. The query heads of a
+    KV head attend as one block: the keys are never repeated per query head."""
     B, H, M, D = queries.shape
-    n_kv = keys.shape[1]
-    k = mx.repeat(keys, H // n_kv, axis=1).astype(mx.float32)
-    logits = (queries.astype(mx.float32) @ k.swapaxes(-1, -2)) / math.sqrt(D)
-    visible = k_positions[:, :, None, :] <= q_positions[None, None, :, None]
-    visible = mx.repeat(visible, H // n_kv, axis=1)
+    n_kv, N = keys.shape[1], keys.shape[2]
+    group = H // n_kv
+    q = queries.astype(mx.float32).reshape(B, n_kv, group * M, D)
+    logits = (q @ keys.astype(mx.float32).swapaxes(-1, -2)).reshape(B, H, M, N) / math.sqrt(D)
+    visible = k_positions[:, :, None, :] <= q_positions[None, None, :, None]  # [B, H_kv, M, N]
+    visible = mx.repeat(visible, group, axis=1)
     logits = mx.where(visible, logits, -mx.inf)
     return mx.softmax(logits, axis=-1)
 

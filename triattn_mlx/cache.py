@@ -244,12 +244,12 @@ class TriAttentionKVCache(_BaseCache):
             return
         H, D = queries.shape[1], queries.shape[3]
         held = self._window if self._window is not None else mx.zeros((B, H, W, D), queries.dtype)
-        both = mx.concatenate([held, queries], axis=2)  # [B, H, W + N, D]
-        if self._chunk_real is None:  # every new query is real
-            window, added = both[:, :, -W:], N
+        if self._chunk_real is None:  # every new query is real: the last W of them
+            window, added = mx.concatenate([held, queries[:, :, -W:]], axis=2)[:, :, -W:], N
         else:
+            both = mx.concatenate([held, queries], axis=2)  # [B, H, W + N, D]
             real = self._chunk_real
-            added = real.sum(1)
+            added = real.sum(1)  # the chunk's real queries are contiguous in each row
             end = W + np.where(added > 0, real.argmax(1), 0) + added  # after the row's last real query
             index = np.clip(end[:, None] - W + np.arange(W)[None], 0, W + N - 1).astype(np.int32)
             window = mx.take_along_axis(both, mx.broadcast_to(mx.array(index)[:, None, :, None], (B, H, W, D)),

@@ -121,6 +121,7 @@ class TriAttentionScorer:
         self.q_center = np.asarray(q_center, dtype=np.complex128)  # [H, D/2]
         self.q_abs_mean = np.asarray(q_abs_mean, dtype=np.float64)  # [H, D/2]
         self.c = mx.array(norm_weights(self.q_center, self.q_abs_mean, self.geometry.scale).astype(np.float32))
+        self._state = None  # built on first use: mlx-lm reads every cache's state after each prefill chunk
 
     def weights(self, position):
         w = trig_weights(self.q_center, self.geometry.omega, self.geometry.scale, position, self.phase)
@@ -150,6 +151,11 @@ class TriAttentionScorer:
     # cache prunes exactly as the original would have.
     @property
     def state(self):
+        if self._state is None:
+            self._state = self._build_state()
+        return self._state
+
+    def _build_state(self):
         g = self.geometry
         return {
             "q_center": _f64_to_mx(np.stack([self.q_center.real, self.q_center.imag], -1)),
