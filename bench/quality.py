@@ -88,12 +88,13 @@ def main():
     parser.add_argument("--recall-depths", type=float, nargs="+")
     parser.add_argument("--recall-seeds", type=int, nargs="+")
     parser.add_argument("--methods", nargs="+", help="names to run (default: all)")
+    parser.add_argument("--name", help="results file name (default: quality or quality-quick)")
     parser.add_argument("--output", default=str(RESULTS / "cpu"))
     args = parser.parse_args()
     sizes = dict(QUICK if args.quick else FULL)
     sizes.update({k: v for k, v in (("tokens", args.tokens), ("budgets", args.budgets),
                                     ("recall_depths", args.recall_depths), ("recall_seeds", args.recall_seeds)) if v})
-    name = "quality-quick" if args.quick else "quality"
+    name = args.name or ("quality-quick" if args.quick else "quality")
     folder = Path(args.output)
 
     model, tokenizer = mlx_lm.load(str(smollm2_model_dir("float32")))

@@ -16,8 +16,9 @@ the prompt cache method_caches() builds, so the figures are what users get:
   triattention    TriAttention, per_head pruning (the default)
   triattention-lh TriAttention, per_layer_per_head pruning
   streamingllm, snapkv, h2o, rkv
-                  the baselines, through triattn_mlx.make_prompt_cache(method=...);
-                  skipped with one line while that keyword does not exist
+                  the baselines, through triattn_mlx.make_prompt_cache(method=...), in
+                  the same cache with the same settings as TriAttention (per_head pruning,
+                  the same prompt mode and observation window): only the score differs
   rotating        mlx-lm RotatingKVCache(budget, keep=4), what `mlx_lm.generate --max-kv-size`
                   gives (built directly: mlx-lm 0.32 ignores the flag for llama and gemma3)
 The prompt is read in mlx-lm's chunks (--prefill-step-size, mlx-lm's default 2048), and
@@ -119,9 +120,8 @@ def method_caches(model, method, budget, stats):
     if method in TRIATTENTION:
         return triattn_mlx.make_prompt_cache(model, budget=budget, stats=stats, pruning_mode=TRIATTENTION[method],
                                              **small)
-    if method in BASELINES:  # raises TypeError until make_prompt_cache takes method=
-        return triattn_mlx.make_prompt_cache(model, budget=budget, method=method, pruning_mode="per_layer_per_head",
-                                             **small)
+    if method in BASELINES:
+        return triattn_mlx.make_prompt_cache(model, budget=budget, method=method, **small)
     raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
 
 
@@ -145,21 +145,12 @@ def cleanup(model):
     remove_taps(model)
 
 
-def runnable(model, methods, budget, stats, log=print):
-    """The methods whose cache can be built here: {key: skip reason} for the others."""
+def runnable(methods, stats, log=print):
+    """The methods that can run here, and {key: skip reason} for the others."""
     skipped = {}
     for method in methods:
         if method in TRIATTENTION and stats is None:
             skipped[method] = "no calibration stats for this model (pass --stats FILE)"
-        elif method in BASELINES:
-            try:
-                method_caches(model, method, budget, stats)
-            except TypeError as e:
-                if "method" not in str(e):
-                    raise
-                skipped[method] = f"triattn_mlx.make_prompt_cache does not take method= yet ({e})"
-            finally:
-                cleanup(model)
     for method, reason in skipped.items():
         log(f"skipping {METHODS[method]}: {reason}")
     return [m for m in methods if m not in skipped], skipped
@@ -321,8 +312,7 @@ def run_task(task, model, tokenizer, stats, sizes, methods, prefill_step_size=20
     make_items, score, stop = TASKS[task]
     items = make_items(tokenizer, sizes, seed)
     budgets = sizes["budgets"]
-    first_budget = budget_tokens(min(budgets), items[0]) if items else 0
-    methods, skipped = runnable(model, methods, first_budget, stats, log)
+    methods, skipped = runnable(methods, stats, log)
     runs = [(item, method, budget) for item in items for method in methods
             for budget in ([None] if method == "full" else budgets)]
     rows, result, shared = [], {}, {}  # shared: item id -> (full-attention prefill of prompt[:-TAIL], seconds)

@@ -45,7 +45,7 @@ def test_long_prompt_is_compressed_and_reported(real_model_dir, quantize):
     sizes = re.search(r"tokens kept per head \(budget 64, triattention\), ([\d.]+) MB vs ([\d.]+) MB", r.stdout)
     kv_mb, full_mb = map(float, sizes.groups())
     assert kv_mb < full_mb / (20 if quantize else 4)  # 4-bit codes + scales vs float32
-    assert int(re.search(r"Prune rounds: (\d+)", r.stdout).group(1)) > 5
+    assert int(re.search(r"Prune rounds: (\d+)", r.stdout).group(1)) > 0
 
 
 @pytest.mark.parametrize("method", ["streamingllm", "snapkv", "h2o", "rkv"])

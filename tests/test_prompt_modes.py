@@ -55,7 +55,8 @@ def test_whole_reads_as_full_attention_then_selects_at_the_end(model_and_stats):
 def test_whole_compresses_in_rounds_past_its_limit_and_chunked_as_it_reads(model_and_stats):
     model, stats = model_and_stats
     tokens = np.random.default_rng(4).integers(0, 128, 700).tolist()
-    limited = make_prompt_cache(model, stats=stats, prompt_mode="whole", **OPTIONS)  # limit: 4 x 64
+    assert Settings(**OPTIONS).reading_limit == 8192 and Settings(budget=4096).reading_limit == 4 * 4096
+    limited = make_prompt_cache(model, stats=stats, prompt_mode="whole", prefill_limit=256, **OPTIONS)
     sizes, _ = read(model, limited, tokens, 50)
     assert max(sizes) < 256 + 50 and sizes[-1] == 64 and limited[0].prune_rounds == 4  # 3 rounds reading, 1 at the end
     chunked = make_prompt_cache(model, stats=stats, prompt_mode="chunked", **OPTIONS)

@@ -202,7 +202,8 @@ def test_conversation_reuses_the_compressed_cache(server, replay, real_model):
         messages.append({"role": "assistant", "content": content})
     fresh_content, fresh_seconds, usage = server.stream_chat(
         [{"role": "system", "content": "Answer briefly."}] + messages[:-1], max_tokens=24)
-    assert usage.get("prompt_tokens_details", {}).get("cached_tokens", 0) == 0  # diverges at the start
+    # diverges after the chat template's opening (SmolLM2's template starts every prompt with its system turn)
+    assert usage.get("prompt_tokens_details", {}).get("cached_tokens", 0) < 8
     for row in rows:
         print(row)
     print(f"fresh prefill of the whole history ({usage['prompt_tokens']} tokens): {fresh_seconds:.2f} s")
@@ -343,7 +344,7 @@ def test_mlx_lm_prompt_cache_reuses_compressed_caches_safely():
     reused, rest = store.fetch_nearest_cache("m", tokens[:40] + [1, 2])  # diverges 10 tokens back
     assert reused[0].offset == 40 and rest == [1, 2] and short[0].offset == 50
 
-    cache = make_prompt_cache(model, 64, stats=stats, window=16, divide_length=16, kv_bits=8)
+    cache = make_prompt_cache(model, 64, stats=stats, window=16, divide_length=16, kv_bits=8, prompt_mode="chunked")
     assert isinstance(cache[0], QuantizedTriAttentionKVCache)
     for start in range(0, 200, 50):
         model(mx.array(tokens[start : start + 50])[None], cache=cache)

@@ -203,17 +203,12 @@ def test_extract_code_picks_the_block_with_the_function(problem):
 
 # -- the runner ----------------------------------------------------------------------------
 
-def test_methods_without_the_method_keyword_are_skipped(real_model, monkeypatch, capsys):
-    import triattn_mlx
+def test_triattention_without_stats_is_skipped_with_one_line(capsys):
     from bench import tasks as bench
 
-    def old_api(model, budget, stats=None, window=128, pruning_mode="per_head"):
-        raise AssertionError("not reached")
-
-    monkeypatch.setattr(triattn_mlx, "make_prompt_cache", old_api)
-    methods, skipped = bench.runnable(real_model[0], ["full", "snapkv", "rotating"], 128, stats=None)
-    assert methods == ["full", "rotating"] and set(skipped) == {"snapkv"}
-    assert "skipping SnapKV" in capsys.readouterr().out
+    methods, skipped = bench.runnable(["full", "triattention", "snapkv", "rotating"], stats=None)
+    assert methods == ["full", "snapkv", "rotating"] and set(skipped) == {"triattention"}
+    assert "skipping TriAttention (per_head)" in capsys.readouterr().out
 
 
 def test_every_method_builds_the_cache_it_names(real_model):
@@ -233,9 +228,14 @@ def test_every_method_builds_the_cache_it_names(real_model):
     assert bench.mlx_ignores_max_kv_size(model)
     for method, mode in bench.TRIATTENTION.items():
         caches = bench.method_caches(model, method, 128, real_stats)
-        assert all(isinstance(c, TriAttentionKVCache) and c.budget == 128 and c.window == 64 for c in caches)
-        assert (caches[0].shared is not None) == (mode == "per_head")
-    assert bench.method_caches(model, "triattention", 1024, real_stats)[0].window == 128  # the default
+        assert all(isinstance(c, TriAttentionKVCache) for c in caches)
+        assert {(c.settings.budget, c.settings.window, c.settings.pruning_mode) for c in caches} == {(128, 64, mode)}
+        assert (caches[0].group is not None) == (mode == "per_head")
+    for method in sorted(bench.BASELINES):  # like for like: the same cache and settings, another score
+        caches = bench.method_caches(model, method, 128, real_stats)
+        assert {(c.settings.method, c.settings.pruning_mode) for c in caches} == {(method, "per_head")}
+        bench.cleanup(model)
+    assert bench.method_caches(model, "triattention", 1024, real_stats)[0].settings.window == 128  # the default
 
 
 def test_niah_runner_end_to_end(real_model, tmp_path, monkeypatch):

@@ -5,13 +5,17 @@ generate_step, and write what this rank saw to OUT.<rank>.json."""
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
-import mlx.core as mx
-from mlx_lm.generate import generate_step
-from mlx_lm.utils import load, sharded_load
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, installed or not
 
-import triattn_mlx  # noqa: F401  (first: OpenBLAS preload)
-from triattn_mlx import cache_report, load_stats, make_prompt_cache
+import mlx.core as mx  # noqa: E402
+from mlx_lm.generate import generate_step  # noqa: E402
+from mlx_lm.utils import load, sharded_load  # noqa: E402
+
+import triattn_mlx  # noqa: F401, E402  (first: OpenBLAS preload)
+from triattn_mlx import cache_report, load_stats, make_prompt_cache  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("model")
