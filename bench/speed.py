@@ -16,7 +16,7 @@ Rows per length:
 - full KV: mlx-lm's KVCache;
 - the ceiling: a KVCache holding `budget` tokens (a context of --budget tokens), decode only;
 - TriAttention: the default settings (prompt_mode "whole": the prompt is held up to
-  prefill_limit = 4 x budget tokens and selected when it ends; longer prompts are
+  prefill_limit = max(4 x budget, 8192) tokens and selected when it ends; longer prompts are
   compressed in rounds of that size);
 - TriAttention chunked: prompt_mode "chunked", compressing after every chunk read (the
   reference's behaviour and this package's 0.2 default), with a profiled run beside it

@@ -16,6 +16,9 @@ PRUNING_MODES = ("per_head", "per_layer_per_head")
 #   chunked: compress it as it is read, chunk by chunk (the reference's behaviour);
 #   keep: never evict prompt tokens; only generated tokens are compressed.
 PROMPT_MODES = ("whole", "chunked", "keep")
+# prompt_mode "whole" holds at most prefill_limit tokens while reading; by default
+# max(4 x budget, 8192): prompts that long are selected once, at their end, with the
+# question's queries voting (a needle read before an earlier round can be lost).
 # "triattention": the calibrated trigonometric score (TRIATTENTION.md). The others are the
 # baselines, scored in the same cache and selected by the same code (baselines.py).
 METHODS = ("triattention", "streamingllm", "snapkv", "h2o", "rkv", "key_norm", "random")
@@ -39,7 +42,7 @@ class Settings:
     kv_bits: int | None = None  # store kept tokens quantized (mlx-lm's QuantizedKVCache layout)
     kv_group_size: int = 64
     prompt_mode: str = "whole"
-    prefill_limit: int | None = None  # "whole": tokens held at most while reading (None: 4 x budget)
+    prefill_limit: int | None = None  # "whole": tokens held at most while reading (None: 4 x budget, at least 8192)
     observe: int = 32  # last prompt queries whose attention votes at the prompt's end (0: none)
     observe_weight: float = 1.0  # their z-scored attention's weight beside the method's score
 
@@ -50,7 +53,7 @@ class Settings:
             return self.budget + self.divide_length
         if self.prompt_mode == "keep":
             return None  # nothing to evict while reading
-        return self.prefill_limit or 4 * self.budget
+        return self.prefill_limit or max(4 * self.budget, 8192)
 
     def __post_init__(self):
         for name, low in (("budget", 1), ("window", 0), ("divide_length", 1), ("sinks", 0)):
@@ -130,7 +133,7 @@ def add_arguments(parser, stats_fallback):
                             "chunked: compress while reading; keep: never evict the prompt, compress "
                             "generated tokens only")
     group.add_argument("--prefill-limit", type=int, default=None,
-                       help="whole: most tokens held while a prompt is read (default: 4 x budget); "
+                       help="whole: most tokens held while a prompt is read (default: 4 x budget, at least 8192); "
                             "longer prompts are compressed in rounds as they are read")
     group.add_argument("--observe", type=int, default=defaults.observe,
                        help=f"last prompt queries whose attention votes at its end "
