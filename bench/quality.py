@@ -88,6 +88,8 @@ def main():
     parser.add_argument("--recall-depths", type=float, nargs="+")
     parser.add_argument("--recall-seeds", type=int, nargs="+")
     parser.add_argument("--methods", nargs="+", help="names to run (default: all)")
+    parser.add_argument("--texts", nargs="+", choices=["prose", "code"], help="perplexity texts (default: both; "
+                                                                            "--quick: prose)")
     parser.add_argument("--name", help="results file name (default: quality or quality-quick)")
     parser.add_argument("--output", default=str(RESULTS / "cpu"))
     args = parser.parse_args()
@@ -129,7 +131,7 @@ def main():
 
     if "perplexity" in args.parts:
         for kind, tokens in evaluation_texts(tokenizer, sizes["tokens"]).items():
-            if args.quick and kind != "prose":
+            if kind not in (args.texts or (["prose"] if args.quick else ["prose", "code"])):
                 continue
             full = full_cache(model)
             ref = list(chunk_logprobs(model, tokens, full))

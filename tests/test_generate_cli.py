@@ -54,7 +54,7 @@ def test_every_baseline_runs_through_mlx_lm_generate(real_model_dir, method):
     (which evaluates every cache's state during prefill), pruning as they go."""
     r = run("--model", str(real_model_dir), "--prompt", "-", "--ignore-chat-template", "--method", method,
             "--budget", "64", "--window", "16", "--divide-length", "16", "--prefill-step-size", "128",
-            "-m", "24", stdin=prose_text()[:2000])
+            "--prompt-mode", "chunked", "-m", "24", stdin=prose_text()[:2000])  # evicting while it reads
     assert r.returncode == 0, r.stderr
     assert re.search(rf"KV cache: \d+ of \d+ tokens kept per head \(budget 64, {method}\)", r.stdout)
     assert int(re.search(r"Prune rounds: (\d+)", r.stdout).group(1)) >= 4  # 462 prompt tokens, 128 a chunk
