@@ -133,6 +133,7 @@ def test_batches_refuse_what_they_cannot_hold(model_and_stats, tmp_path):
         save_prompt_cache(str(tmp_path / "batch.safetensors"), [batch])
 
 
+@pytest.mark.slow  # ~55 s; the tiny-model batch tests above run by default
 def test_real_model_batch_of_four_generates_as_alone(real_model, real_stats):
     """SmolLM2: 4 prompts of different lengths, budget 128, greedy, batched vs alone."""
     from triattn_mlx.corpus import prose_text

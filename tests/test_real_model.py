@@ -86,7 +86,7 @@ def test_triattention_beats_random_and_rotating_cache(real_model, real_stats, n_
         assert ours["ppl"] < 1.2 * table["full attention"]["ppl"]
 
 
-@pytest.mark.parametrize("mode", ["per_head", "per_layer_per_head"])
+@pytest.mark.parametrize("mode", ["per_head", pytest.param("per_layer_per_head", marks=pytest.mark.slow)])
 def test_saved_compressed_cache_continues_identically(tmp_path, real_model, real_stats, mode):
     model, tokenizer = real_model
     tokens = tokenizer.encode(prose_text())[:700]
