@@ -3,13 +3,14 @@ CPU) against one process, tokens per second and KV bytes per rank.
 
     python -m bench.distributed [--prompt 2048] [--decode-tokens 64] [--budget 512]
 
-A random-weight qwen3 model (hidden 1024, 8 layers, 16 query / 8 KV heads, head_dim 64;
-weights do not change speed), split by mlx-lm's sharded_load: tensor parallelism (each rank
-holds half the heads of every layer) and pipeline parallelism (each rank holds half the
-layers). Each run reads a --prompt-token prompt through mlx-lm's generate_step and decodes
---decode-tokens tokens with TriAttention caches at --budget. On this machine both ranks
-share the same 2 cores, so the split buys no compute: what this measures is the cost of
-the collectives per step, and the memory each rank holds.
+A random-weight qwen2 model (mlx-lm's qwen2 has both shard() and pipeline(); hidden 1024,
+8 layers, 16 query / 8 KV heads, head_dim 64; weights do not change speed), split by
+mlx-lm's sharded_load: tensor parallelism (each rank holds half the heads of every layer)
+and pipeline parallelism (each rank holds half the layers). Each run reads a --prompt-token
+prompt through mlx-lm's generate_step and decodes --decode-tokens tokens with TriAttention
+caches at --budget. On this machine both ranks share the same 2 cores, so the split buys
+no compute: what this measures is the cost of the collectives per step, and the memory
+each rank holds.
 """
 
 import argparse
@@ -25,7 +26,7 @@ import mlx.core as mx
 
 from bench.common import RESULTS, plot, write_json
 
-CONFIG = dict(model_type="qwen3", hidden_size=1024, num_hidden_layers=8, intermediate_size=2816,
+CONFIG = dict(model_type="qwen2", hidden_size=1024, num_hidden_layers=8, intermediate_size=2816,
               num_attention_heads=16, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6,
               max_position_embeddings=32768, tie_word_embeddings=True)
 
@@ -34,7 +35,7 @@ def make_model_folder(folder):
     """The random model as an mlx-lm folder (tokenizer: the test model's), with stats."""
     import json as _json
 
-    from mlx_lm.models import qwen3
+    from mlx_lm.models import qwen2
     from mlx_lm.utils import save_config, save_model
 
     from support import smollm2_model_dir
@@ -43,7 +44,7 @@ def make_model_folder(folder):
     tokenizer_dir = smollm2_model_dir("float32")
     config = dict(CONFIG, vocab_size=_json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"])
     mx.random.seed(0)
-    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     save_model(folder, model)
@@ -75,6 +76,8 @@ def worker(args):
     start = time.perf_counter()
     n = sum(1 for _ in steps)
     decode = n / (time.perf_counter() - start)
+    if args.split != "single":  # no rank leaves while another still has a step in flight with it
+        mx.eval(mx.distributed.all_sum(mx.zeros(1), group=group))
     report = cache_report(cache)
     rank = group.rank() if args.split != "single" else 0
     Path(f"{args.out}.{rank}.json").write_text(json.dumps(dict(
@@ -106,13 +109,17 @@ def main():
                 command = ["mlx.launch", "--backend", "ring", "-n", str(ranks), "--", *command]
             result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
             if result.returncode != 0 or "exited with code" in result.stdout + result.stderr:
-                raise RuntimeError(f"{split}: {result.stdout[-1000:]}{result.stderr[-2000:]}")
+                errors = [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
+                rows.append(dict(split=split, ranks=ranks, error=(errors or ["failed"])[-1]))
+                print(f"{split} failed: {rows[-1]['error']}", file=sys.stderr, flush=True)
+                continue
             for rank in range(ranks):
                 rows.append(json.loads(Path(f"{out}.{rank}.json").read_text()))
                 print(json.dumps(rows[-1]), flush=True)
     write_json("distributed", {"command": "python -m bench.distributed", "args": vars(args), "config": CONFIG,
                                "rows": rows}, Path(args.output))
     with plot("distributed", Path(args.output)) as (fig, ax):
+        rows = [r for r in rows if "error" not in r]
         labels = [f"{r['split']} rank {r['rank']}" for r in rows]
         ax.barh(labels, [r["decode_tok_s"] for r in rows], color="gray")
         for i, r in enumerate(rows):
@@ -120,7 +127,7 @@ def main():
                     va="center", fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("decode tok/s (2 CPU cores shared by the ranks)")
-        ax.set_title(f"random qwen3 (8 layers, 16/8 heads), prompt {args.prompt}, budget {args.budget}", fontsize=9)
+        ax.set_title(f"random qwen2 (8 layers, 16/8 heads), prompt {args.prompt}, budget {args.budget}", fontsize=9)
 
 
 if __name__ == "__main__":
