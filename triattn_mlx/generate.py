@@ -202,6 +202,9 @@ def main(argv=None):
                 mlx_generate.main()
         finally:
             sys.argv = saved_argv
+        group = mx.distributed.init()
+        if group.size() > 1:  # no rank leaves while another still has generate's look-ahead step in flight with it
+            mx.eval(mx.distributed.all_sum(mx.zeros(1), group=group))
         caches = run.caches()
         if args.verbose and caches is not None:
             print(format_report(cache_report(caches)))
