@@ -60,6 +60,7 @@ def worker(args):
     from mlx_lm.utils import load, sharded_load
 
     from triattn_mlx import cache_report, load_stats, make_prompt_cache
+    from triattn_mlx.model_info import wait_for_ranks
 
     group = mx.distributed.init()
     if args.split == "single":
@@ -76,8 +77,7 @@ def worker(args):
     start = time.perf_counter()
     n = sum(1 for _ in steps)
     decode = n / (time.perf_counter() - start)
-    if args.split != "single":  # no rank leaves while another still has a step in flight with it
-        mx.eval(mx.distributed.all_sum(mx.zeros(1), group=group))
+    wait_for_ranks(group)
     report = cache_report(cache)
     rank = group.rank() if args.split != "single" else 0
     Path(f"{args.out}.{rank}.json").write_text(json.dumps(dict(

@@ -129,9 +129,10 @@ def main():
         # QuantizedKVCache keeps every token: one run stands for every budget
         return [None] if label in equal_memory else budgets
 
+    texts = args.texts or (["prose"] if args.quick else ["prose", "code"])
     if "perplexity" in args.parts:
         for kind, tokens in evaluation_texts(tokenizer, sizes["tokens"]).items():
-            if kind not in (args.texts or (["prose"] if args.quick else ["prose", "code"])):
+            if kind not in texts:
                 continue
             full = full_cache(model)
             ref = list(chunk_logprobs(model, tokens, full))

@@ -19,6 +19,7 @@ from mlx_lm.utils import sharded_load
 from . import settings as settings_flags
 from .loading import load, model_location, resolve_stats
 from .methods import batchable
+from .model_info import wait_for_ranks
 from .prompt_cache import CacheFactory, attach, cache_report, compress, load_prompt_cache, model_caches
 
 # The module, not the function mlx_lm/__init__ exports under the same name.
@@ -202,9 +203,7 @@ def main(argv=None):
                 mlx_generate.main()
         finally:
             sys.argv = saved_argv
-        group = mx.distributed.init()
-        if group.size() > 1:  # no rank leaves while another still has generate's look-ahead step in flight with it
-            mx.eval(mx.distributed.all_sum(mx.zeros(1), group=group))
+        wait_for_ranks(mx.distributed.init())
         caches = run.caches()
         if args.verbose and caches is not None:
             print(format_report(cache_report(caches)))

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+import mlx.core as mx
+
 from .rope import RopeGeometry, probe_rope
 
 
@@ -93,6 +95,13 @@ def model_shard(model):
     import mlx.core as mx
 
     return Shard(offset, total, mx.distributed.init().rank(), ranks)
+
+
+def wait_for_ranks(group):
+    """Under mlx.launch: return once every rank got here, so no rank exits while another
+    still has a step in flight with it (mlx-lm's generate_step evaluates one step ahead)."""
+    if group.size() > 1:
+        mx.eval(mx.distributed.all_sum(mx.zeros(1), group=group))
 
 
 def model_layers(model):

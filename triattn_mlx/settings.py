@@ -17,8 +17,9 @@ PRUNING_MODES = ("per_head", "per_layer_per_head")
 #   keep: never evict prompt tokens; only generated tokens are compressed.
 PROMPT_MODES = ("whole", "chunked", "keep")
 # prompt_mode "whole" holds at most prefill_limit tokens while reading; by default
-# max(4 x budget, 8192): prompts that long are selected once, at their end, with the
-# question's queries voting (a needle read before an earlier round can be lost).
+# max(4 x budget, PREFILL_LIMIT_FLOOR): prompts that long are selected once, at their end,
+# with the question's queries voting (a needle read before an earlier round can be lost).
+PREFILL_LIMIT_FLOOR = 8192
 # "triattention": the calibrated trigonometric score (TRIATTENTION.md). The others are the
 # baselines, scored in the same cache and selected by the same code (baselines.py).
 METHODS = ("triattention", "streamingllm", "snapkv", "h2o", "rkv", "key_norm", "random")
@@ -55,7 +56,7 @@ class Settings:
             return self.budget + self.divide_length
         if self.prompt_mode == "keep":
             return None  # nothing to evict while reading
-        return self.prefill_limit or max(4 * self.budget, 8192)
+        return self.prefill_limit or max(4 * self.budget, PREFILL_LIMIT_FLOOR)
 
     def __post_init__(self):
         for name, low in (("budget", 1), ("window", 0), ("divide_length", 1), ("sinks", 0)):
@@ -135,7 +136,8 @@ def add_arguments(parser, stats_fallback):
                             "chunked: compress while reading; keep: never evict the prompt, compress "
                             "generated tokens only")
     group.add_argument("--prefill-limit", type=int, default=None,
-                       help="whole: most tokens held while a prompt is read (default: 4 x budget, at least 8192); "
+                       help=f"whole: most tokens held while a prompt is read (default: 4 x budget, at least "
+                            f"{PREFILL_LIMIT_FLOOR}); "
                             "longer prompts are compressed in rounds as they are read")
     group.add_argument("--observe", type=int, default=defaults.observe,
                        help=f"last prompt queries whose attention votes at its end "
