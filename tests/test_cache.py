@@ -243,3 +243,29 @@ def test_decoding_compacts_only_when_a_round_is_due(tiny_model, tiny_stats, monk
         tiny_model(mx.array([[token]]), cache=cache)
     assert cache[0].prune_rounds == 4  # at 80, 96, 112, 128 tokens held... every 16 steps
     assert len(compactions) == 4 * len(cache)
+
+
+@pytest.mark.parametrize("mode", ["per_layer_per_head", "per_head"])
+def test_decode_fast_path_matches_the_general_append(tiny_model, tiny_stats, mode):
+    """A decode step takes a short path (one token into the room left after a round); with
+    it turned off (_plain = False sends every call through _append) decoding gives the same
+    logits, the same kept positions and the same buffers."""
+    prompt = np.random.default_rng(5).integers(0, 128, 150).tolist()
+    runs = []
+    for fast in (True, False):
+        cache = make_prompt_cache(tiny_model, stats=tiny_stats, pruning_mode=mode, **OPTIONS)
+        if not fast:
+            for c in cache:
+                c._plain = False
+        logits = list(feed(tiny_model, cache, prompt, 150))
+        for token in range(60):  # 60 steps: several rounds, and the steps between them
+            logits.append(tiny_model(mx.array([[token % 128]]), cache=cache))
+        runs.append((logits, cache))
+    (fast_logits, fast), (slow_logits, slow) = runs
+    assert fast[0].prune_rounds == slow[0].prune_rounds >= 3
+    for a, b in zip(fast_logits, slow_logits):
+        assert mx.array_equal(a, b)
+    for a, b in zip(fast, slow):
+        assert a.offset == b.offset and a.size() == b.size()
+        assert mx.array_equal(a.token_positions(), b.token_positions())
+        assert mx.array_equal(a._held()[0], b._held()[0]) and mx.array_equal(a._held()[1], b._held()[1])

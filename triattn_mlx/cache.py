@@ -40,6 +40,7 @@ def first(buffer):
 
 class TriAttentionKVCache(_BaseCache):
     step = 256
+    _plain = True  # keys and values are arrays (QuantizedTriAttentionKVCache: packed triples)
     _eval_on_compact = False  # batch caches materialize each layer's compaction (memory)
     _batch_form = None  # the batch cache class (batch.py registers itself here)
 
@@ -59,6 +60,7 @@ class TriAttentionKVCache(_BaseCache):
         # settings.observe: the layer's rope tap hands over each call's queries; the cache
         # keeps the last `observe` real ones per row while a prompt is read (its window)
         self.observer, self._window, self._chunk_real = observer, None, None
+        self._round_positions = None  # token_positions() of a round under way, for its compaction
         self.keys = self.values = self.positions = None
         self._idx = self._stored = 0  # slots held; slots whose positions are stored
         self._first = None  # per row, np.int64 [B]: first slot of its real tokens
@@ -87,7 +89,19 @@ class TriAttentionKVCache(_BaseCache):
 
     # -- the mlx-lm cache surface ---------------------------------------------------------
     def update_and_fetch(self, keys, values):
-        N = keys.shape[2]
+        N, i = keys.shape[2], self._idx
+        if N == 1 and self._plain and not (self._reading_any or self._padded_input) and self.keys is not None \
+                and i < self.keys.shape[2]:
+            # A decode step into the room the last round left (what _append does, minus the
+            # bookkeeping it needs: batch-1 decode is launch-bound, every microsecond counts)
+            self.keys[..., i : i + 1, :] = keys
+            self.values[..., i : i + 1, :] = values
+            self._idx = i = i + 1
+            self._chunk_real = None
+            held = self.keys[..., :i, :], self.values[..., :i, :]
+            if i >= self._due_at:
+                self._prune()
+            return held
         self._append(keys, values)
         held = self._held()
         if N > 1 or self._reading_any:  # a prompt chunk, or the single token that ends a prompt
@@ -136,6 +150,7 @@ class TriAttentionKVCache(_BaseCache):
             return 0
         self._idx -= n
         self._stored = min(self._stored, self._idx)
+        self._round_positions = None
         return n
 
     def size(self):
@@ -309,7 +324,10 @@ class TriAttentionKVCache(_BaseCache):
             start, end = int(self._first[b]), int(ends[b])
             key = (start, end, int(self._shift[b]) + end, int(budgets[b]), int(below[b]), bool(self._ending[b]))
             groups.setdefault(key, []).append(int(b))
-        positions = self.token_positions()
+        if not groups:
+            return {}
+        # kept for this round's compaction (per_head: at the group's last layer, same pass)
+        positions = self._round_positions = self.token_positions()
         views = {}
         for key, rows in groups.items():
             start, end = key[:2]
@@ -393,7 +411,8 @@ class TriAttentionKVCache(_BaseCache):
             pad = mx.array(np.arange(L)[None] < (L - lengths)[:, None])[:, None]  # [B, 1, L]
         gathered = mx.concatenate([index, mx.zeros((B, n_kv, room), index.dtype)], axis=-1)
         self.keys, self.values = tree_map(lambda x: gather_tokens(x, gathered), self._held())
-        positions = gather_tokens(self.token_positions(), gathered)
+        held_positions, self._round_positions = self._round_positions, None
+        positions = gather_tokens(self.token_positions() if held_positions is None else held_positions, gathered)
         if pad is not None:
             positions[..., :L] = mx.where(pad, -1, positions[..., :L])
         self.positions = positions
@@ -453,6 +472,8 @@ class QuantizedTriAttentionKVCache(TriAttentionKVCache):
     attention. TriAttention scoring takes the quantized keys (on a GPU the fused kernel
     dequantizes them in registers; on CPU MLX ops dequantize first); other scorers get
     dequantized keys. Selection compacts the packed storage in place."""
+
+    _plain = False
 
     def __init__(self, *, settings, scorer, group=None, observer=None, measure_prune_time=False):
         super().__init__(settings=settings, scorer=scorer, group=group, observer=observer,
