@@ -23,6 +23,11 @@ Rows per length:
   (every prune round synchronized and timed: scoring vs selection and compaction);
 - through mlx-lm's own path: full KV and TriAttention driven by mlx_lm.generate's
   generate_step (what stream_generate and the CLI run), time to the first token yielded.
+Decode in turns (first, --turns rounds): batch-1 decode is launch-bound and its rate
+wanders by tens of percent between runs a minute apart, more than any difference between
+caches of one size. So the ceiling and a TriAttention cache after a prompt of every length
+are prepared side by side and decoded in turns, --turn-tokens tokens each, the order
+rotated every round; the decode / ceiling ratios "in turns" compare their medians.
 """
 
 import argparse
@@ -58,15 +63,40 @@ def time_to_first_token(model, cache, tokens, prefill_step):
     return y, time.perf_counter() - start
 
 
-def decode_rate(model, cache, y, steps):
-    """Tokens per second over `steps` greedy steps, one step in flight (mlx-lm's pipelining)."""
+def decode(model, cache, y, steps):
+    """`steps` greedy steps, one step in flight (mlx-lm's pipelining): (tokens per second,
+    the last token)."""
     mx.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         y = model(y, cache=cache)[:, -1:].argmax(-1)
         mx.async_eval(y)
     mx.eval(y)
-    return steps / (time.perf_counter() - start)
+    return steps / (time.perf_counter() - start), y
+
+
+def decode_rate(model, cache, y, steps):
+    return decode(model, cache, y, steps)[0]
+
+
+def decode_in_turns(model, contestants, steps, rounds):
+    """Decode rates of caches read in turns: round r runs every contestant once, `steps`
+    tokens each, in an order rotated by r, so that the machine's drift in speed (batch-1
+    decode is launch-bound and its rate wanders by tens of percent from minute to minute)
+    falls on all of them alike. contestants: {label: (cache, first token, trim)}; with
+    trim, the cache is trimmed back after each turn (the ceiling stays at its size).
+    Returns {label: [tok/s per round]}."""
+    labels, rates = list(contestants), {label: [] for label in contestants}
+    state = {label: contestants[label][1] for label in labels}
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            cache, _, trim = contestants[label]
+            rate, state[label] = decode(model, cache, state[label], steps)
+            rates[label].append(rate)
+            if trim:
+                for c in cache:
+                    c.trim(steps)
+    return rates
 
 
 def one_run(model, cache, N, decode_tokens, prefill_step):
@@ -121,8 +151,9 @@ def test_model():
     return model, calibrate(model, tokenizer.encode(code_text())[:2048], source="inspect.py")
 
 
-QUICK = dict(lengths=[4096, 8064], budget=1024, decode_tokens=64, prefill_step=2048, repeats=3)
-FULL = dict(lengths=[16384, 32768, 65536, 131072], budget=4096, decode_tokens=256, prefill_step=2048, repeats=3)
+QUICK = dict(lengths=[4096, 8064], budget=1024, decode_tokens=64, prefill_step=2048, repeats=3, turn_tokens=32)
+FULL = dict(lengths=[16384, 32768, 65536, 131072], budget=4096, decode_tokens=256, prefill_step=2048, repeats=3,
+            turn_tokens=128)
 
 
 def main():
@@ -133,13 +164,16 @@ def main():
     parser.add_argument("--decode-tokens", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--rows", nargs="+", help="row names to run (default: all)")
+    parser.add_argument("--turns", type=int, default=5,
+                        help="rounds of decoding the ceiling and TriAttention at every length in turns (0: off)")
+    parser.add_argument("--turn-tokens", type=int, help="tokens per turn (default: 128)")
     parser.add_argument("--name", help="results file name (default: speed or speed-quick)")
     parser.add_argument("--output", default=None, help="results folder (default: results/cpu with --quick, "
                                                        "else results/)")
     args = parser.parse_args()
     sizes = {**(QUICK if args.quick else FULL), **{k: v for k, v in (
         ("lengths", args.lengths), ("budget", args.budget), ("decode_tokens", args.decode_tokens),
-        ("repeats", args.repeats)) if v}}
+        ("repeats", args.repeats), ("turn_tokens", args.turn_tokens)) if v}}
     budget, decode_tokens, step, repeats = (sizes[k] for k in ("budget", "decode_tokens", "prefill_step", "repeats"))
     if args.quick:
         model, stats = test_model()
@@ -163,6 +197,13 @@ def main():
     # Compile (JIT) every kernel the rows use, prune rounds included, before any timing
     for make in (full, tri(), tri(prompt_mode="chunked")):
         one_run(model, make(), 4 * budget + 512, 8, step)
+    results = {"args": {**vars(args), **sizes}, "device": str(mx.default_device()),
+               "model_dtype": str(model.model.norm.weight.dtype).split(".")[-1]}
+    if args.turns:
+        results["decode_in_turns"] = turns = decode_comparison(model, full, tri(), sizes["lengths"], budget, step,
+                                                               sizes["turn_tokens"], args.turns)
+        print(json.dumps({k: v["median"] for k, v in turns.items()}), flush=True)
+        write_json(name, results, folder)
     rows = []
     for N in sizes["lengths"]:
         for label, (make, kind) in rows_wanted.items():
@@ -179,17 +220,31 @@ def main():
                 row = {"error": str(error).splitlines()[0]}
             rows.append({"N": N, "method": label, **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "runs"}), flush=True)
-            write_json(name, {"args": {**vars(args), **sizes}, "device": str(mx.default_device()), "rows": rows,
-                              "ratios": ratios(rows),
-                              "model_dtype": str(model.model.norm.weight.dtype).split(".")[-1]}, folder)
+            write_json(name, {**results, "rows": rows, "ratios": ratios(rows, results.get("decode_in_turns"))}, folder)
             mx.clear_cache()
     plot_speed(rows, folder=folder, name=name,
                title="SmolLM2-135M float32 (CPU)" if args.quick else "Qwen3-8B-shaped 4-bit model")
 
 
-def ratios(rows):
+def decode_comparison(model, full, tri, lengths, budget, prefill_step, steps, rounds):
+    """The ceiling (a KVCache holding `budget` tokens) and TriAttention after a prompt of
+    each length, decoded in turns (decode_in_turns) on one machine in one process:
+    {label: {"median": tok/s, "rates": [...]}} (labels "ceiling", "TriAttention N")."""
+    contestants = {}
+    for label, make, N, trim in [("ceiling", full, budget, True)] + [(f"TriAttention {N}", tri, N, False)
+                                                                      for N in lengths]:
+        cache = make()
+        y, _ = time_to_first_token(model, cache, prompt_tokens(N), prefill_step)
+        contestants[label] = (cache, y, trim)
+        mx.clear_cache()
+    rates = decode_in_turns(model, contestants, steps, rounds)
+    return {label: {"median": float(np.median(r)), "rates": r} for label, r in rates.items()}
+
+
+def ratios(rows, turns=None):
     """Per length: TriAttention's time to first token over full KV's, and its decode rate
-    over the ceiling's."""
+    over the ceiling's (each row's own median; and, where decoded in turns, the medians of
+    the turns: the figure drift does not move)."""
     out = {}
     for N in sorted({r["N"] for r in rows}):
         by = {r["method"]: r for r in rows if r["N"] == N and "error" not in r}
@@ -200,6 +255,9 @@ def ratios(rows):
                 entry[f"{label}: prefill / full"] = by[label]["prefill_s"] / by[base]["prefill_s"]
             if label in by and "ceiling" in by:
                 entry[f"{label}: decode / ceiling"] = by[label]["decode_tok_s"] / by["ceiling"]["decode_tok_s"]
+        if turns and f"TriAttention {N}" in turns:
+            entry["TriAttention: decode / ceiling, in turns"] = (turns[f"TriAttention {N}"]["median"]
+                                                                 / turns["ceiling"]["median"])
         out[str(N)] = entry
     return out
 
