@@ -5,7 +5,7 @@
     python -m bench.tasks gsm8k     --model NAME|PATH [--quick] [--budgets 128 256] [--limit 100]
     python -m bench.tasks humaneval --model NAME|PATH [--quick] [--budgets 128 256] [--limit 164]
     common: [--methods full triattention ...] [--max-tokens N] [--prefill-step-size 2048]
-            [--stats auto|FILE] [--output results/cpu]
+            [--stats auto|FILE] [--output results/cpu]  gsm8k / humaneval: [--batch N]
 
 --model: an mlx-lm model folder, a .gguf file, or a name that support.models knows
 (qwen2.5-coder-0.5b, ...); smollm2-135m (the default) is the float32 test model.
@@ -15,6 +15,9 @@ the prompt cache method_caches() builds, so the figures are what users get:
   full            mlx-lm KVCache: full attention, the ceiling
   triattention    TriAttention, per_head pruning (the default)
   triattention-lh TriAttention, per_layer_per_head pruning
+  triattention-keep
+                  TriAttention with prompt_mode "keep": the prompt is never evicted, only
+                  generated tokens are (the cache then holds at least prompt + window)
   streamingllm, snapkv, h2o, rkv
                   the baselines, through triattn_mlx.make_prompt_cache(method=...), in
                   the same cache with the same settings as TriAttention (per_head pruning,
@@ -54,6 +57,12 @@ gsm8k all 100 and humaneval all 164 problems at budgets 128 / 256, 512 tokens. W
 methods that is 15 runs an item: on the CPU, ~10 h for niah and over a day for each of
 gsm8k and humaneval with the 0.5B model (--limit, --methods and --contexts cut it).
 
+--batch N (gsm8k, humaneval): N items generated together through mlx-lm's batch_generate,
+each with its own cache (on 2 CPU cores decoding 12 sequences costs little more than one).
+Replies then run to EOS or --max-tokens, and a row's seconds are its batch's split evenly.
+SnapKV, H2O and R-KV cannot be batched (their scorers read the model's live queries, which
+a batch mixes): they are dropped with that reason; run them without --batch.
+
 Results: results/cpu/tasks-<task>-<model>[-quick].json (every item's raw output; written
 every 30 s while running, so an interrupted run keeps what it did) and .png (NIAH: a depth x
 context heat map per method and budget; GSM8K / HumanEval: accuracy per method and budget
@@ -69,7 +78,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm.models.cache as mlx_cache
-from mlx_lm.generate import stream_generate
+from mlx_lm.generate import batch_generate, stream_generate
 from mlx_lm.sample_utils import make_sampler
 from tqdm import tqdm
 
@@ -83,6 +92,7 @@ METHODS = {  # key -> label, in the order runs and figures show them
     "full": "full attention",
     "triattention": "TriAttention (per_head)",
     "triattention-lh": "TriAttention (per_layer_per_head)",
+    "triattention-keep": "TriAttention (per_head, prompt kept)",
     "streamingllm": "StreamingLLM",
     "snapkv": "SnapKV",
     "h2o": "H2O",
@@ -90,7 +100,11 @@ METHODS = {  # key -> label, in the order runs and figures show them
     "rotating": "mlx-lm RotatingKVCache",
 }
 BASELINES = {"streamingllm", "snapkv", "h2o", "rkv"}
-TRIATTENTION = {"triattention": "per_head", "triattention-lh": "per_layer_per_head"}
+TRIATTENTION = {  # key -> its settings beside the budget
+    "triattention": dict(pruning_mode="per_head"),
+    "triattention-lh": dict(pruning_mode="per_layer_per_head"),
+    "triattention-keep": dict(pruning_mode="per_head", prompt_mode="keep"),
+}
 DEFAULT_WINDOW = 128  # triattn_mlx.make_prompt_cache's recent window
 
 QUICK = {
@@ -118,8 +132,7 @@ def method_caches(model, method, budget, stats):
         return rotating_caches(model, budget)
     small = {} if budget >= 2 * DEFAULT_WINDOW else {"window": budget // 2}
     if method in TRIATTENTION:
-        return triattn_mlx.make_prompt_cache(model, budget=budget, stats=stats, pruning_mode=TRIATTENTION[method],
-                                             **small)
+        return triattn_mlx.make_prompt_cache(model, budget=budget, stats=stats, **TRIATTENTION[method], **small)
     if method in BASELINES:
         return triattn_mlx.make_prompt_cache(model, budget=budget, method=method, **small)
     raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
@@ -213,6 +226,29 @@ def generate(model, tokenizer, prompt, caches, max_tokens, prefill_step_size, st
                 generation_tps=round(response.generation_tps, 2) if response else None,
                 peak_memory_gb=round(mx.get_peak_memory() / 1e9, 3), kv_bytes=report["kv_bytes"],
                 tokens_kept=report["tokens_kept"])
+
+
+def generate_batch(model, tokenizer, prompts, caches, max_tokens, prefill_step_size):
+    """Greedy generation of several prompts at once through mlx-lm's batch_generate, each
+    with its own prompt cache (caches: one list per prompt): per prompt, what generate()
+    reports. Replies run to EOS or max_tokens (no early stop); the batch's wall time,
+    prefill and peak memory are shared, its seconds split evenly over the prompts."""
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    result = batch_generate(model, tokenizer, prompts, prompt_caches=caches, max_tokens=max_tokens,
+                            return_prompt_caches=True, return_token_ids=True, sampler=GREEDY,
+                            prefill_step_size=prefill_step_size)
+    seconds, stats = time.perf_counter() - start, result.stats
+    runs = []
+    for text, ids, cache in zip(result.texts, result.token_ids, result.caches):
+        report = cache_report(cache)
+        runs.append(dict(output=text, finish="length" if len(ids) >= max_tokens else "stop",
+                         generated_tokens=len(ids), seconds=round(seconds / len(prompts), 3),
+                         batch=len(prompts), batch_seconds=round(seconds, 3),
+                         prefill_seconds=round(stats.prompt_time, 3), generation_tps=round(stats.generation_tps, 2),
+                         peak_memory_gb=round(mx.get_peak_memory() / 1e9, 3), kv_bytes=report["kv_bytes"],
+                         tokens_kept=report["tokens_kept"]))
+    return runs
 
 
 # -- tasks: items, prompts, scoring --------------------------------------------------------
@@ -313,18 +349,53 @@ def run_task(task, model, tokenizer, stats, sizes, methods, prefill_step_size=20
     items = make_items(tokenizer, sizes, seed)
     budgets = sizes["budgets"]
     methods, skipped = runnable(methods, stats, log)
-    runs = [(item, method, budget) for item in items for method in methods
-            for budget in ([None] if method == "full" else budgets)]
+    batch = sizes.get("batch", 1)
+    if batch > 1:  # gsm8k / humaneval: a run is a batch of items, one method and budget
+        runs = [(items[at : at + batch], method, budget) for method in methods
+                for budget in ([None] if method == "full" else budgets) for at in range(0, len(items), batch)]
+    else:
+        runs = [([item], method, budget) for item in items for method in methods
+                for budget in ([None] if method == "full" else budgets)]
     rows, result, shared = [], {}, {}  # shared: item id -> (full-attention prefill of prompt[:-TAIL], seconds)
     public = [{k: v for k, v in item.items() if not k.startswith("_") and k != "prompt"}
               | {"prompt_tokens": len(item["prompt"])} for item in items]
     bar = tqdm(runs, desc=task, unit="run", dynamic_ncols=True, file=sys.stderr)
-    for item, method, budget in bar:
+
+    def add_row(item, method, budget, tokens, run):
+        row = dict(item=item["id"], method=method, label=METHODS[method], budget=tokens, budget_given=budget,
+                   **{k: item[k] for k in ("context", "depth", "needle_depth", "kind", "answer") if k in item},
+                   **run, **score(item, run["output"]))
+        rows.append(row)
+        mark = "ok " if row["correct"] else "no "
+        bar.write(f"{mark} {item['id']}  {METHODS[method]}" + ("" if tokens is None else f" @{tokens}")
+                  + f"  {run['seconds']:.0f}s  {run['output'].strip()[:70]!r}")
+        publish()
+        if on_row is not None:
+            on_row(result)
+
+    def publish():
+        result.clear()
+        result.update(items=public, rows=rows, skipped={METHODS[m]: why for m, why in skipped.items()},
+                      summary=summarize(rows))
+        if task == "niah":
+            result["by_context"] = summarize(rows, ("context",))
+            result["by_cell"] = summarize(rows, ("context", "depth"))
+
+    for chunk, method, budget in bar:
         if method in skipped:  # it failed on an earlier item
             continue
+        item = chunk[0]
         tokens = None if budget is None else budget_tokens(budget, item)
-        bar.set_postfix_str(f"{item['id']} {METHODS[method]}" + ("" if tokens is None else f" @{tokens}"))
+        bar.set_postfix_str(f"{item['id']}{'' if len(chunk) == 1 else f' +{len(chunk) - 1}'} {METHODS[method]}"
+                            + ("" if tokens is None else f" @{tokens}"))
         try:
+            if batch > 1:
+                done = generate_batch(model, tokenizer, [i["prompt"] for i in chunk],
+                                      [method_caches(model, method, tokens, stats) for _ in chunk],
+                                      sizes["max_tokens"], prefill_step_size)
+                for i, run in zip(chunk, done):
+                    add_row(i, method, budget, tokens, run)
+                continue
             caches = method_caches(model, method, tokens, stats)
             prompt, prefill_seconds = item["prompt"], 0.0
             if len(prompt) > 2 * TAIL and reads_like_full_attention(caches, len(prompt)):
@@ -348,20 +419,8 @@ def run_task(task, model, tokenizer, stats, sizes, methods, prefill_step_size=20
             continue
         finally:
             cleanup(model)
-        row = dict(item=item["id"], method=method, label=METHODS[method], budget=tokens, budget_given=budget,
-                   **{k: item[k] for k in ("context", "depth", "needle_depth", "kind", "answer") if k in item},
-                   **run, **score(item, run["output"]))
-        rows.append(row)
-        mark = "ok " if row["correct"] else "no "
-        bar.write(f"{mark} {item['id']}  {METHODS[method]}" + ("" if tokens is None else f" @{tokens}")
-                  + f"  {run['seconds']:.0f}s  {run['output'].strip()[:70]!r}")
-        result = dict(items=public, rows=rows, skipped={METHODS[m]: why for m, why in skipped.items()},
-                      summary=summarize(rows))
-        if task == "niah":
-            result["by_context"] = summarize(rows, ("context",))
-            result["by_cell"] = summarize(rows, ("context", "depth"))
-        if on_row is not None:
-            on_row(result)
+        add_row(item, method, budget, tokens, run)
+    publish()  # methods dropped after the last row are named too
     return result
 
 
@@ -482,6 +541,9 @@ def parse_args(argv=None):
     parser.add_argument("--needles", type=int, help="niah: needles per context and depth")
     parser.add_argument("--limit", type=int, help="gsm8k / humaneval: the first N problems")
     parser.add_argument("--max-tokens", type=int, help="generated tokens at most, per item")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="gsm8k / humaneval: items generated together through mlx-lm's batch_generate, each "
+                             "with its own cache (faster on a CPU; replies then run to EOS or --max-tokens)")
     parser.add_argument("--prefill-step-size", type=int, default=2048,
                         help="prompt tokens per forward pass while reading (mlx-lm's default: 2048)")
     parser.add_argument("--stats", default="auto", help="TriAttention calibration stats: a file, or 'auto'")
@@ -501,6 +563,12 @@ def parse_args(argv=None):
             parser.error(f"a budget is a whole number of tokens or a share below 1, got {budget:g}")
         if budget < 1 and args.task != "niah":
             parser.error("budgets as shares of the context apply to niah only")
+    if args.batch < 1:
+        parser.error(f"--batch is a number of items, at least 1, got {args.batch}")
+    if args.batch > 1:
+        if args.task == "niah":
+            parser.error("--batch applies to gsm8k and humaneval (niah shares one prefill across methods instead)")
+        sizes["batch"] = args.batch
     if any(not 0 <= d <= 1 for d in sizes.get("depths", [])):
         parser.error("depths are shares of the document: 0 to 1")
     return args, sizes

@@ -226,10 +226,12 @@ def test_every_method_builds_the_cache_it_names(real_model):
     rotating = bench.method_caches(model, "rotating", 128, real_stats)
     assert all(isinstance(c, mlx_cache.RotatingKVCache) and c.max_size == 128 and c.keep == 4 for c in rotating)
     assert bench.mlx_ignores_max_kv_size(model)
-    for method, mode in bench.TRIATTENTION.items():
+    for method, options in bench.TRIATTENTION.items():
         caches = bench.method_caches(model, method, 128, real_stats)
         assert all(isinstance(c, TriAttentionKVCache) for c in caches)
-        assert {(c.settings.budget, c.settings.window, c.settings.pruning_mode) for c in caches} == {(128, 64, mode)}
+        mode, prompt_mode = options["pruning_mode"], options.get("prompt_mode", "whole")
+        assert {(c.settings.budget, c.settings.window, c.settings.pruning_mode, c.settings.prompt_mode)
+                for c in caches} == {(128, 64, mode, prompt_mode)}
         assert (caches[0].group is not None) == (mode == "per_head")
     for method in sorted(bench.BASELINES):  # like for like: the same cache and settings, another score
         caches = bench.method_caches(model, method, 128, real_stats)
@@ -263,3 +265,34 @@ def test_niah_runner_end_to_end(real_model, tmp_path, monkeypatch):
     summary = {s["method"]: s for s in result["summary"]}
     assert summary["triattention"]["full_accuracy_same_items"] == 1.0
     assert {(c["method"], c["depth"]) for c in result["by_cell"]} == {("full", 0.5), ("triattention", 0.5)}
+
+
+def test_batched_runs_give_what_one_at_a_time_gives(real_model, tmp_path, monkeypatch):
+    """--batch: gsm8k items generated together through mlx-lm's batch_generate, each with its
+    own cache, reply what each gives alone (greedy, the same caches); a method whose cache
+    cannot be batched is dropped with its reason, the others go on."""
+    from bench import tasks as bench
+
+    monkeypatch.setattr(bench.triattn_mlx, "load", lambda path: real_model)
+    common = ["gsm8k", "--limit", "2", "--budgets", "64", "--max-tokens", "12", "--output", str(tmp_path)]
+    bench.main(common + ["--methods", "full", "triattention", "snapkv", "--batch", "2", "--name", "batched"])
+    bench.main(common + ["--methods", "full", "triattention", "--name", "alone"])
+    batched, alone = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("batched", "alone"))
+    assert "SnapKV" in batched["skipped"] and "cannot be batched" in batched["skipped"]["SnapKV"]
+    assert [(r["method"], r["item"]) for r in batched["rows"]] == [(m, i["id"]) for m in ("full", "triattention")
+                                                                   for i in batched["items"]]
+    assert all(r["batch"] == 2 and r["generated_tokens"] <= 12 for r in batched["rows"])
+    tri = [r for r in batched["rows"] if r["method"] == "triattention"]
+    assert all(r["tokens_kept"] <= 64 + 128 for r in tri)  # each prompt was compressed at its end
+    one = {(r["method"], r["item"]): r["output"] for r in alone["rows"]}
+    for r in batched["rows"]:  # the alone run stops early once an answer line ends: compare its length
+        reference = one[(r["method"], r["item"])]
+        assert r["output"][: len(reference)] == reference
+
+
+def test_batch_is_refused_for_niah_and_below_one():
+    from bench import tasks as bench
+
+    for argv in (["niah", "--batch", "2"], ["gsm8k", "--batch", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
