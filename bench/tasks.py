@@ -58,7 +58,8 @@ methods that is 15 runs an item: on the CPU, ~10 h for niah and over a day for e
 gsm8k and humaneval with the 0.5B model (--limit, --methods and --contexts cut it).
 
 --batch N (gsm8k, humaneval): N items generated together through mlx-lm's batch_generate,
-each with its own cache (on 2 CPU cores decoding 12 sequences costs little more than one).
+each with its own cache (on 2 CPU cores 12 GSM8K replies took ~2.8 min together, one
+at a time 1.5-2.8 min each).
 Replies then run to EOS or --max-tokens, and a row's seconds are its batch's split evenly.
 SnapKV, H2O and R-KV cannot be batched (their scorers read the model's live queries, which
 a batch mixes): they are dropped with that reason; run them without --batch.
