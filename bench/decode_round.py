@@ -8,6 +8,11 @@ The Qwen3-8B-shaped 4-bit model (bench.kernels), budget 4096, after a 16k prompt
 - the round's pieces on one layer's keys, each synchronized: the scorer, scorer + z-score
   and GQA reduction, selection (argpartition + sort), the three gathers of compaction.
 Writes decode-round-profile.json (the H200 run: results/h200/).
+
+--host (any machine, no model compute): the host's time per decode step in the caches alone,
+mlx-lm's KVCache against TriAttention, 36 layers of Qwen3-8B's KV shape (8 heads x 128)
+holding 4096 tokens, update_and_fetch called as the attention layers call it (best of 5
+runs of 100 steps, no round in them). Writes decode-host-step.json.
 """
 
 import argparse
@@ -87,10 +92,51 @@ def round_pieces(cache):
     }
 
 
+def host_step_ms(steps=100, runs=5):
+    """Milliseconds of host time per decode step in the caches alone: {label: best run}."""
+    from mlx_lm.models import qwen3
+
+    config = json.loads((Path(__file__).resolve().parent.parent / "stats/configs/qwen3-8b.json").read_text())
+    config.update(hidden_size=256, intermediate_size=256, vocab_size=1000)  # only the caches run
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    model.set_dtype(mx.bfloat16)
+    token = mx.random.normal((1, 8, 1, 128)).astype(mx.bfloat16)
+    prompt = mx.random.normal((1, 8, BUDGET, 128)).astype(mx.bfloat16)
+    out = {}
+    for label, cache in (("KVCache", [KVCache() for _ in model.layers]),
+                         ("TriAttention", make_prompt_cache(model, 2 * BUDGET, stats="stats/qwen3-8b.safetensors"))):
+        for keys in (prompt, token):  # a prompt, then the token that ends it
+            for c in cache:
+                c.update_and_fetch(keys, keys)
+        mx.eval([c.state for c in cache])
+        best = []
+        for _ in range(runs):
+            seconds = 0.0
+            for step in range(steps):
+                start = time.perf_counter()
+                for c in cache:
+                    c.update_and_fetch(token, token)
+                seconds += time.perf_counter() - start
+                if step % 10 == 9:
+                    mx.eval([c.state for c in cache])
+            mx.eval([c.state for c in cache])
+            best.append(seconds / steps * 1e3)
+        out[label] = min(best)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--host", action="store_true", help="only the host time per decode step (runs on a CPU)")
     args = parser.parse_args()
+    folder = Path(args.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    if args.host:
+        out = {"ms_per_step_36_layers": host_step_ms(), "device": str(mx.default_device())}
+        print(json.dumps(out))
+        (folder / "decode-host-step.json").write_text(json.dumps(out, indent=1))
+        return
     model = qwen3_8b_4bit()
 
     def full():
@@ -116,8 +162,6 @@ def main():
     out.update(step_s_median=plain, round_step_s=steps, round_build_s=builds)
     out["piece_s"] = round_pieces(compressed[0])
     print(json.dumps(out), flush=True)
-    folder = Path(args.output)
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / "decode-round-profile.json").write_text(json.dumps(out, indent=1))
 
 
