@@ -25,7 +25,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from bench.common import RESULTS
-from bench.kernels import qwen3_8b_4bit
+from bench.kernels import qwen3_8b_4bit, qwen3_8b_bfloat16
 from bench.speed import decode_in_turns, prompt_tokens, time_to_first_token
 from triattn_mlx import make_prompt_cache
 from triattn_mlx.selection import gather_tokens, head_scores, protected_tokens, select_tokens
@@ -94,12 +94,7 @@ def round_pieces(cache):
 
 def host_step_ms(steps=100, runs=5):
     """Milliseconds of host time per decode step in the caches alone: {label: best run}."""
-    from mlx_lm.models import qwen3
-
-    config = json.loads((Path(__file__).resolve().parent.parent / "stats/configs/qwen3-8b.json").read_text())
-    config.update(hidden_size=256, intermediate_size=256, vocab_size=1000)  # only the caches run
-    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
-    model.set_dtype(mx.bfloat16)
+    model = qwen3_8b_bfloat16(hidden_size=256, intermediate_size=256, vocab_size=1000)  # only the caches run
     token = mx.random.normal((1, 8, 1, 128)).astype(mx.bfloat16)
     prompt = mx.random.normal((1, 8, BUDGET, 128)).astype(mx.bfloat16)
     out = {}

@@ -58,16 +58,24 @@ def layer_inputs(N, dtype=mx.float16):
     return keys, w, c, pairs
 
 
+def qwen3_8b_bfloat16(**config):
+    """A random-weight bfloat16 model with Qwen3-8B's config, fields of `config` replaced
+    (smaller widths keep its attention geometry: 36 layers, 32 / 8 heads, head_dim 128)."""
+    from mlx_lm.models import qwen3
+
+    base = json.loads((Path(__file__).resolve().parent.parent / "stats/configs/qwen3-8b.json").read_text())
+    model = qwen3.Model(qwen3.ModelArgs.from_dict({**base, **config}))
+    model.set_dtype(mx.bfloat16)
+    return model
+
+
 def qwen3_8b_4bit():
     """A random-weight 4-bit model with Qwen3-8B's config, in bfloat16 like the published
     mlx-community conversion (so its KV cache is bfloat16 too): decodes at the real
     model's speed. (Runs before this change used float32: twice the KV bytes.)"""
     import mlx.nn as nn
-    from mlx_lm.models import qwen3
 
-    config = json.loads((Path(__file__).resolve().parent.parent / "stats/configs/qwen3-8b.json").read_text())
-    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
-    model.set_dtype(mx.bfloat16)
+    model = qwen3_8b_bfloat16()
     nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
     return model

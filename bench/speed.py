@@ -75,10 +75,6 @@ def decode(model, cache, y, steps):
     return steps / (time.perf_counter() - start), y
 
 
-def decode_rate(model, cache, y, steps):
-    return decode(model, cache, y, steps)[0]
-
-
 def decode_in_turns(model, contestants, steps, rounds):
     """Decode rates of caches read in turns: round r runs every contestant once, `steps`
     tokens each, in an order rotated by r, so that the machine's drift in speed (batch-1
@@ -103,7 +99,7 @@ def one_run(model, cache, N, decode_tokens, prefill_step):
     mx.reset_peak_memory()
     y, ttft = time_to_first_token(model, cache, prompt_tokens(N), prefill_step)
     prefill_peak = mx.get_peak_memory()
-    rate = decode_rate(model, cache, y, decode_tokens)
+    rate, _ = decode(model, cache, y, decode_tokens)
     report = cache_report(cache)
     return {"prefill_s": ttft, "decode_tok_s": rate, "prefill_peak_bytes": prefill_peak,
             "peak_bytes": mx.get_peak_memory(), "kv_bytes": report["kv_bytes"], "prune_rounds": report["prune_rounds"],
