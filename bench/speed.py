@@ -11,7 +11,8 @@ budget 1024.
 Each run reads a prompt of N random tokens as mlx-lm does (chunks of --prefill-step, then
 the last token alone: its logits are the first token, so the prefill time is the time to
 first token), then decodes --decode-tokens tokens pipelined as mlx-lm's generate does.
-Every row is the median of --repeats runs (each on a new cache); the runs are recorded.
+Every row is the median of --repeats runs (each on a new cache), a length's rows run in
+turns (round r runs each once, the order rotated); the runs are recorded.
 Rows per length:
 - full KV: mlx-lm's KVCache;
 - the ceiling: a KVCache holding `budget` tokens (a context of --budget tokens), decode only;
@@ -106,18 +107,41 @@ def one_run(model, cache, N, decode_tokens, prefill_step):
             "prune_seconds": report["prune_seconds"], "prune_phases": report["prune_phases"]}
 
 
-def measured(model, make, N, decode_tokens, prefill_step, repeats):
-    """Medians over `repeats` runs, each on a new cache; every run kept."""
-    runs = []
-    for _ in range(repeats):
-        cache = make()
-        runs.append(one_run(model, cache, N, decode_tokens, prefill_step))
-        del cache
-        mx.clear_cache()
+def median_row(runs):
+    """A row from its runs: the median of each figure; every run kept."""
     row = {k: float(np.median([r[k] for r in runs])) for k in ("prefill_s", "decode_tok_s", "prefill_peak_bytes",
                                                                "peak_bytes", "kv_bytes")}
     return {**row, "prune_rounds": runs[0]["prune_rounds"], "prune_seconds": runs[0]["prune_seconds"],
             "prune_phases": runs[0]["prune_phases"], "runs": runs}
+
+
+def rows_in_turns(model, rows, N, budget, decode_tokens, prefill_step, repeats):
+    """The rows of one length, their runs taken in turns: round r runs every row still due
+    once (each on a new cache), in an order rotated by r, so that the machine's drift falls
+    on all of them alike (one row's three runs back to back would each meet another minute).
+    rows: {label: (make, kind)}, kind "measured" (--repeats runs), "ceiling" (a context of
+    `budget` tokens, --repeats runs), "once" (one run) or "mlx-lm" (one run through
+    generate_step). Returns {label: row}; a row whose run fails holds the error."""
+    runs, failed = {label: [] for label in rows}, {}
+    labels = list(rows)
+    for r in range(repeats):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            make, kind = rows[label]
+            if label in failed or (r > 0 and kind in ("once", "mlx-lm")):
+                continue
+            try:
+                if kind == "mlx-lm":
+                    runs[label].append(through_mlx_lm(model, make, N, decode_tokens, prefill_step))
+                else:  # the ceiling: a budget-sized context, what decoding at the budget costs at best
+                    cache = make()
+                    runs[label].append(one_run(model, cache, budget if kind == "ceiling" else N, decode_tokens,
+                                               prefill_step))
+                    del cache
+            except RuntimeError as error:  # out of memory, a backend lacking a kernel
+                failed[label] = {"error": str(error).splitlines()[0]}
+            mx.clear_cache()
+    return {label: failed.get(label) or (runs[label][0] if rows[label][1] == "mlx-lm" else median_row(runs[label]))
+            for label in labels}
 
 
 def through_mlx_lm(model, make, N, decode_tokens, prefill_step):
@@ -202,22 +226,10 @@ def main():
         write_json(name, results, folder)
     rows = []
     for N in sizes["lengths"]:
-        for label, (make, kind) in rows_wanted.items():
-            try:
-                if kind == "ceiling":  # a budget-sized context: what decoding at the budget costs at best
-                    row = measured(model, make, budget, decode_tokens, step, repeats)
-                elif kind == "once":
-                    row = measured(model, make, N, decode_tokens, step, 1)
-                elif kind == "mlx-lm":
-                    row = through_mlx_lm(model, make, N, decode_tokens, step)
-                else:
-                    row = measured(model, make, N, decode_tokens, step, repeats)
-            except RuntimeError as error:  # out of memory, a backend lacking a kernel
-                row = {"error": str(error).splitlines()[0]}
+        for label, row in rows_in_turns(model, rows_wanted, N, budget, decode_tokens, step, repeats).items():
             rows.append({"N": N, "method": label, **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "runs"}), flush=True)
-            write_json(name, {**results, "rows": rows, "ratios": ratios(rows, results.get("decode_in_turns"))}, folder)
-            mx.clear_cache()
+        write_json(name, {**results, "rows": rows, "ratios": ratios(rows, results.get("decode_in_turns"))}, folder)
     plot_speed(rows, folder=folder, name=name,
                title="SmolLM2-135M float32 (CPU)" if args.quick else "Qwen3-8B-shaped 4-bit model")
 
