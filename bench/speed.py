@@ -264,8 +264,11 @@ def ratios(rows, turns=None):
             if label in by and "ceiling" in by:
                 entry[f"{label}: decode / ceiling"] = by[label]["decode_tok_s"] / by["ceiling"]["decode_tok_s"]
         if turns and f"TriAttention {N}" in turns:
-            entry["TriAttention: decode / ceiling, in turns"] = (turns[f"TriAttention {N}"]["median"]
-                                                                 / turns["ceiling"]["median"])
+            rates, ceiling = turns[f"TriAttention {N}"], turns["ceiling"]
+            entry["TriAttention: decode / ceiling, in turns"] = rates["median"] / ceiling["median"]
+            # each round's own ratio (the two decoded seconds apart), then their median
+            entry["TriAttention: decode / ceiling, in turns, per round"] = float(np.median(
+                [a / b for a, b in zip(rates["rates"], ceiling["rates"])]))
         out[str(N)] = entry
     return out
 

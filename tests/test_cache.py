@@ -269,3 +269,50 @@ def test_decode_fast_path_matches_the_general_append(tiny_model, tiny_stats, mod
         assert a.offset == b.offset and a.size() == b.size()
         assert mx.array_equal(a.token_positions(), b.token_positions())
         assert mx.array_equal(a._held()[0], b._held()[0]) and mx.array_equal(a._held()[1], b._held()[1])
+
+
+@pytest.mark.parametrize("mode", ["per_layer_per_head", "per_head"])
+def test_the_round_a_prompt_ends_with_runs_at_the_next_call_and_changes_nothing(tiny_model, tiny_stats, mode):
+    """The token that ends a prompt leaves its round (the prompt's selection) to the next
+    call, off the path to the first token. Deferred or run at once (_defers = False), the
+    logits, the kept positions and the buffers are the same; and a cache read in between
+    (its size, state, mask, positions) is read selected: never over budget."""
+    prompt = np.random.default_rng(7).integers(0, 128, 300).tolist()
+    runs = []
+    for defers in (True, False):
+        cache = make_prompt_cache(tiny_model, 96, stats=tiny_stats, window=16, pruning_mode=mode)
+        for c in cache:
+            c._defers = defers
+        logits = list(feed(tiny_model, cache, prompt[:-1], 128))
+        logits.append(tiny_model(mx.array([prompt[-1:]]), cache=cache))  # ends the prompt
+        assert (cache[0]._deferred is not None) == defers
+        if defers:
+            assert cache[-1].size() == 96  # a reader settles the round (per_head: every layer's)
+            assert all(c._deferred is None for c in cache) == (mode == "per_head")
+            assert all(c.prune_rounds == 1 and c.size() == 96 for c in cache)
+        for token in range(20):
+            logits.append(tiny_model(mx.array([[token]]), cache=cache))
+        runs.append((logits, cache))
+    (deferred_logits, deferred), (at_once_logits, at_once) = runs
+    for a, b in zip(deferred_logits, at_once_logits):
+        assert mx.array_equal(a, b)
+    for a, b in zip(deferred, at_once):
+        assert a.offset == b.offset and a.size() == b.size() and a.prune_rounds == b.prune_rounds == 1
+        assert mx.array_equal(a.token_positions(), b.token_positions())
+        assert mx.array_equal(a._held()[0], b._held()[0])
+
+
+def test_a_cache_saved_or_trimmed_right_after_its_prompt_is_selected(tiny_model, tiny_stats, tmp_path):
+    """mlx-lm may save or trim a cache after one token (max_tokens=1): the round the
+    prompt's end left pending runs first, so what is saved is within the budget."""
+    prompt = np.random.default_rng(8).integers(0, 128, 300).tolist()
+    cache = make_prompt_cache(tiny_model, 96, stats=tiny_stats, window=16)
+    list(feed(tiny_model, cache, prompt[:-1], 128))
+    tiny_model(mx.array([prompt[-1:]]), cache=cache)
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"), model=tiny_model)
+    assert all(c.size() == 96 and c.offset == 300 for c in loaded)
+    cache = make_prompt_cache(tiny_model, 96, stats=tiny_stats, window=16)
+    list(feed(tiny_model, cache, prompt[:-1], 128))
+    tiny_model(mx.array([prompt[-1:]]), cache=cache)
+    assert cache[0].trim(4) == 4 and cache[0].size() == 92

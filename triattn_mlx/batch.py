@@ -25,6 +25,7 @@ ROW_FIELDS = ("_first", "_shift", "_garbage", "_trim_from", "_rounds", "_reading
 
 class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKVCache):
     _eval_on_compact = True  # each layer's compaction frees its old buffers before the next's
+    _defers = False  # rows end their prompts apart, and the batch is filtered and extended between steps
 
     def __init__(self, *, settings, scorer, left_padding, group=None, observer=None):
         super().__init__(settings=settings, scorer=scorer, group=group, observer=observer)
