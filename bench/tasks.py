@@ -18,6 +18,9 @@ the prompt cache method_caches() builds, so the figures are what users get:
   triattention-keep
                   TriAttention with prompt_mode "keep": the prompt is never evicted, only
                   generated tokens are (the cache then holds at least prompt + window)
+  triattention-coverage
+                  TriAttention with coverage: the evictable positions cut into 8 stretches,
+                  each keeping its best tokens up to its quota (half the budget in all)
   streamingllm, snapkv, h2o, rkv
                   the baselines, through triattn_mlx.make_prompt_cache(method=...), in
                   the same cache with the same settings as TriAttention (per_head pruning,
@@ -94,6 +97,7 @@ METHODS = {  # key -> label, in the order runs and figures show them
     "triattention": "TriAttention (per_head)",
     "triattention-lh": "TriAttention (per_layer_per_head)",
     "triattention-keep": "TriAttention (per_head, prompt kept)",
+    "triattention-coverage": "TriAttention (per_head, 8 segments' quotas)",
     "streamingllm": "StreamingLLM",
     "snapkv": "SnapKV",
     "h2o": "H2O",
@@ -105,6 +109,7 @@ TRIATTENTION = {  # key -> its settings beside the budget
     "triattention": dict(pruning_mode="per_head"),
     "triattention-lh": dict(pruning_mode="per_layer_per_head"),
     "triattention-keep": dict(pruning_mode="per_head", prompt_mode="keep"),
+    "triattention-coverage": dict(pruning_mode="per_head", segments=8, segment_share=0.5),
 }
 DEFAULT_WINDOW = 128  # triattn_mlx.make_prompt_cache's recent window
 

@@ -83,6 +83,8 @@ def test_keep_never_evicts_the_prompt(model_and_stats):
     (dict(prefill_limit=70), "prefill_limit must be an integer >= 80"),
     (dict(observe=-1), "observe must be an integer >= 0"),
     (dict(observe_weight=-0.5), "observe_weight must be a number >= 0"),
+    (dict(segments=-2), "segments must be an integer >= 0"),
+    (dict(segments=4, segment_share=1.5), "segment_share must be a number from 0 to 1"),
 ])
 def test_bad_prompt_settings_fail_where_they_are_made(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -150,3 +152,21 @@ def test_generate_step_runs_each_prompt_mode_like_alone(model_and_stats, mode):
         outs.append([int(t) for t, _ in steps])
         remove_taps(model)
     assert outs[0] == outs[1] and len(outs[0]) == 30
+
+
+def test_coverage_keeps_every_stretch_of_a_long_prompt():
+    """With segments, the prompt's selection keeps, in every KV head, at least each
+    stretch's quota of the evictable positions (a CLI user's --segments 4)."""
+    model = tiny_llama(seed=2)
+    stats = calibrate(model, np.random.default_rng(3).integers(0, 128, 200))
+    settings = dict(budget=96, window=16, segments=4, segment_share=1.0)
+    cache = make_prompt_cache(model, stats=stats, **settings)
+    prompt = np.random.default_rng(4).integers(0, 128, 600).tolist()
+    read(model, cache, prompt, 256)
+    quota = (96 - 16) // 4
+    for c in cache:
+        held = np.array(c.token_positions())[0]
+        assert held.shape[-1] == 96
+        for head in held:
+            evictable = head[head < 600 - 16]
+            assert (np.bincount(evictable * 4 // (600 - 16), minlength=4) >= quota).all()

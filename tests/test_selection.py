@@ -8,14 +8,21 @@ import pytest
 from triattn_mlx.selection import gqa_max, head_scores, protected_tokens, select_tokens, zscore
 
 
-def numpy_select(scores, positions, offset, budget, window, sinks):
-    """Per KV head: the protected tokens, then the best-scoring others (ties: lowest index)."""
+def numpy_select(scores, positions, offset, budget, window, sinks, segments=0, share=0.0):
+    """Per KV head: the protected tokens, then (coverage) each stretch's quota of its
+    best-scoring tokens, then the best-scoring others (ties: lowest index)."""
     out = []
+    quota = int(share * (budget - window - sinks) / segments) if segments else 0
+    span = max(offset - window - sinks, 1)
     for s, p in zip(scores, positions):
         protected = (p >= offset - window) | (p < sinks)
         order = [i for i in np.lexsort((np.arange(len(s)), -s)) if not protected[i]]
-        keep = list(np.flatnonzero(protected)) + order[: budget - protected.sum()]
-        out.append(sorted(keep))
+        chosen = list(np.flatnonzero(protected))
+        for segment in range(segments if quota else 0):
+            inside = [i for i in order if min((p[i] - sinks) * segments // span, segments - 1) == segment]
+            chosen += inside[:quota]
+        chosen += [i for i in order if i not in chosen][: budget - len(chosen)]
+        out.append(sorted(chosen))
     return np.array(out)
 
 
@@ -85,3 +92,31 @@ def test_zscore_over_the_candidates_only():
     raw = np.repeat(x, 2, axis=1)  # 4 query heads, 2 KV heads
     scored = np.array(head_scores(mx.array(raw), 2, mx.array(candidates)))
     np.testing.assert_allclose(scored[..., :-6], got[..., :-6], atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_segment_quotas_match_numpy(seed):
+    """Coverage: each stretch of the evictable positions keeps its quota of its best tokens
+    (a stretch scored low everywhere still keeps some), the rest go by score."""
+    rng = np.random.default_rng(seed)
+    H, N, offset, budget, window, sinks, segments = 3, 80, 300, 40, 8, 2, 4
+    positions = np.stack([np.sort(rng.choice(np.arange(2, offset - window), N - window - 2, replace=False))
+                          for _ in range(H)])
+    positions = np.concatenate([np.tile([0, 1], (H, 1)), positions, np.tile(np.arange(offset - window, offset),
+                                                                             (H, 1))], axis=1)
+    scores = rng.normal(size=(H, N)).astype(np.float32)
+    scores[:, positions[0] < 100] -= 5  # the first stretches score low: without quotas they would lose all
+    args = (offset, budget, window, sinks, segments, 0.5)
+    got = np.array(select_tokens(mx.array(scores[None]), mx.array(positions[None]), *args))[0]
+    want = numpy_select(scores, positions, *args)
+    np.testing.assert_array_equal(got, want)
+    plain = numpy_select(scores, positions, *args[:4])
+    quota = int(0.5 * (budget - window - sinks) / segments)
+
+    def per_stretch(kept):
+        kept = kept[(kept >= sinks) & (kept < offset - window)]
+        return np.bincount((kept - sinks) * segments // (offset - window - sinks), minlength=segments)
+
+    for h in range(H):
+        assert (per_stretch(positions[h, got[h]]) >= quota).all()
+        assert per_stretch(positions[h, plain[h]])[0] < quota  # what the quota changed

@@ -413,8 +413,9 @@ class TriAttentionKVCache(_BaseCache):
     def _select(self, views, scores):
         """[(rows, start, keep)]: keep [len(rows), H_kv, budget] indices into the rows' slots
         from `start`."""
-        window = self.settings.window
-        return [(rows, key[0], select_tokens(scores[key], positions, key[2], key[3], window, key[4]))
+        s = self.settings
+        return [(rows, key[0], select_tokens(scores[key], positions, key[2], key[3], s.window, key[4], s.segments,
+                                             s.segment_share))
                 for key, (rows, _, positions) in views.items()]
 
     def _compact(self, selected, drop_garbage=False):

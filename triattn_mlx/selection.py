@@ -7,7 +7,8 @@ scorer whose signal is per KV head); higher means keep. Everything after that is
   1. head_scores: z-normalize each head's scores, then reduce the query heads sharing a
      KV head (GQA) by max: a key matters if any query head of its group needs it;
   2. (per_head pruning: the layers' head scores are averaged, groups.py);
-  3. select_tokens: the recent window and the sinks are always kept, the rest by score.
+  3. select_tokens: the recent window and the sinks are always kept, then (coverage,
+     settings.segments) each stretch's quota, the rest by score.
 """
 
 import mlx.core as mx
@@ -53,15 +54,42 @@ def head_scores(raw, n_kv_heads, candidates=None):
     return scores if raw.shape[1] == n_kv_heads else gqa_max(scores, n_kv_heads)
 
 
-def select_tokens(scores, positions, offset, budget, window, sinks):
+def select_tokens(scores, positions, offset, budget, window, sinks, segments=0, segment_share=0.0):
     """Indices of the `budget` tokens each KV head keeps, in temporal order.
 
     scores, positions: [B, H_kv, N] -> [B, H_kv, budget] int32. The recent `window`
-    tokens and the first `sinks` positions are always kept and count in the budget.
+    tokens and the first `sinks` positions are always kept and count in the budget. With
+    `segments`, each stretch of positions (segment_quotas) also keeps its best-scored
+    tokens up to its quota before the rest are chosen by score.
     """
-    ranked = mx.where(protected_tokens(positions, offset, window, sinks), mx.inf, scores)
+    protected = protected_tokens(positions, offset, window, sinks)
+    ranked = mx.where(protected, mx.inf, scores)
+    if segments:
+        quota = int(segment_share * (budget - window - sinks) / segments)
+        chosen = segment_quotas(scores, positions, offset, window, sinks, segments, quota) & ~protected
+        ranked = mx.where(chosen, QUOTA_RANK, ranked)
     keep = mx.argpartition(-ranked, kth=budget - 1, axis=-1)[..., :budget]
     return mx.sort(keep, axis=-1)  # the buffer stays in temporal order: trim relies on it
+
+
+QUOTA_RANK = 1e30  # above any z-score, below the protected tokens' inf
+
+
+def segment_quotas(scores, positions, offset, window, sinks, segments, quota):
+    """Coverage: the positions that may be evicted, [sinks, offset - window), cut into
+    `segments` equal stretches; in each, the `quota` best-scored tokens of every KV head
+    (all of them where a stretch holds fewer). bool [B, H_kv, N], so that no stretch of a
+    long prompt is dropped wholesale however the others score."""
+    if quota < 1:
+        return mx.zeros(scores.shape, mx.bool_)
+    span = max(offset - window - sinks, 1)
+    segment = mx.clip((positions - sinks) * segments // span, 0, segments - 1)
+    candidate = (positions >= sinks) & (positions < offset - window)
+    own = (segment[..., None, :] == mx.arange(segments)[:, None]) & candidate[..., None, :]  # [B, H_kv, S, N]
+    masked = mx.where(own, scores[..., None, :], -mx.inf)
+    k = min(quota, scores.shape[-1])
+    threshold = mx.topk(masked, k, axis=-1).min(axis=-1)  # [B, H_kv, S]: each stretch's quota-th best
+    return (own & (masked >= threshold[..., None])).any(axis=-2)
 
 
 def gather_tokens(x, indices):
