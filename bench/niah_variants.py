@@ -1,12 +1,15 @@
 """Variants of the prompt-end selection on bench.tasks' NIAH items, for choosing defaults.
 
     python -m bench.niah_variants [--context 4096] [--variants default w2 max obs64 snapkv]
+                                  [--depths 0.1 0.5 0.9] [--shares 0.25 0.125]
 
-Qwen2.5-Coder-0.5B-Instruct (float32), depths 10 / 50 / 90%, budgets 25% and 12.5%. One
+Qwen2.5-Coder-0.5B-Instruct (float32), depths 10 / 50 / 90%, budgets 25% and 12.5% (by
+default). One
 full-attention prefill per item (all but the last bench.tasks.TAIL tokens) is saved under
 ~/.cache/triattn-mlx/niah-prefill and reused, so each variant costs only the question
 and the answer. Variants: default settings; observe_weight 2 (w2) or 1 (w1);
-max(z(method), z(observation)) instead of their sum (max); observe 64 (obs64); SnapKV.
+max(z(method), z(observation)) instead of their sum (max); observe 64 (obs64); observe_weight
+4 (w4); coverage, 8 segments' quotas (segments); SnapKV.
 The log of the run that chose observe_weight 2: results/cpu/experiments/.
 """
 
@@ -39,6 +42,8 @@ VARIANTS = {
     "w2": (dict(observe_weight=2.0), SUM),
     "max": (dict(observe_weight=1.0), combine_max),
     "obs64": (dict(observe=64), SUM),
+    "w4": (dict(observe_weight=4.0), SUM),
+    "segments": (dict(segments=8), SUM),
     "snapkv": (dict(method="snapkv"), SUM),
 }
 
@@ -60,14 +65,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    parser.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.125], help="budgets, shares of the context")
     args = parser.parse_args()
     model, tokenizer = triattn_mlx.load(str(model_dir("qwen2.5-coder-0.5b")))
     stats = resolve_stats("auto", model)
-    items = bench.niah_items(tokenizer, dict(contexts=[args.context], depths=[0.1, 0.5, 0.9], needles=1))
+    items = bench.niah_items(tokenizer, dict(contexts=[args.context], depths=args.depths, needles=1))
     folder = Path.home() / ".cache" / "triattn-mlx" / "niah-prefill"
     for item in items:
         prefill, results = saved_prefill(model, item, folder), {}
-        for budget in (args.context // 4, args.context // 8):
+        for budget in (int(args.context * share) for share in args.shares):
             for name in args.variants:
                 options, combine = VARIANTS[name]
                 baselines.QueryAwareScorer.__call__ = combine

@@ -27,10 +27,11 @@ the prompt cache method_caches() builds, so the figures are what users get:
                   the same prompt mode and observation window): only the score differs
   rotating        mlx-lm RotatingKVCache(budget, keep=4), what `mlx_lm.generate --max-kv-size`
                   gives (built directly: mlx-lm 0.32 ignores the flag for llama and gemma3)
-The prompt is read in mlx-lm's chunks (--prefill-step-size, mlx-lm's default 2048), and
-compression acts after each chunk: in a prompt of 2k tokens or less, every prompt token
-has seen the whole document before anything is evicted (only the last prompt token and
-the answer read the compressed cache); from 4k on, later chunks read a compressed cache.
+The prompt is read in mlx-lm's chunks (--prefill-step-size, mlx-lm's default 2048). With
+the default prompt mode (whole) every make_prompt_cache cache holds the whole prompt while it is
+read (up to prefill_limit: 4 x budget, at least 8192 tokens) and selects once, when its
+last token arrives, so every prompt token has seen the whole document before anything is
+evicted and only the answer reads the compressed cache.
 
 Tasks (data: support/tasks.py, fetched from the package registry on first use):
 - niah: Paul Graham essays, a needle (a 7-digit number, a made-up passphrase, a city a
