@@ -9,7 +9,8 @@ full-attention prefill per item (all but the last bench.tasks.TAIL tokens) is sa
 ~/.cache/triattn-mlx/niah-prefill and reused, so each variant costs only the question
 and the answer. Variants: default settings; observe_weight 2 (w2) or 1 (w1);
 max(z(method), z(observation)) instead of their sum (max); observe 64 (obs64); observe_weight
-4 (w4); coverage, 8 segments' quotas (segments); SnapKV.
+4 (w4); coverage, 8 segments' quotas (segments); the observation's 16 or 32 best tokens
+of each query head kept first (quota16, quota32); SnapKV.
 The log of the run that chose observe_weight 2: results/cpu/experiments/.
 """
 
@@ -36,6 +37,19 @@ def combine_max(self, keys, positions, offset, queries=None):
     return mx.maximum(zscore(raw), self.weight * zscore(baselines.observation_scores(queries, keys, positions, offset)))
 
 
+def combine_quota(quota):
+    """The observation's `quota` best tokens of each query head are kept first (a boost no
+    other score reaches), the rest ranked by the usual sum."""
+    def combine(self, keys, positions, offset, queries=None):
+        raw = self.scorer(keys, positions, offset)
+        if queries is None:
+            return raw
+        observed = zscore(baselines.observation_scores(queries, keys, positions, offset))
+        threshold = mx.topk(observed, quota, axis=-1).min(axis=-1, keepdims=True)
+        return zscore(raw) + self.weight * observed + 1e3 * (observed >= threshold)
+    return combine
+
+
 VARIANTS = {
     "default": (dict(), SUM),
     "w1": (dict(observe_weight=1.0), SUM),
@@ -44,6 +58,8 @@ VARIANTS = {
     "obs64": (dict(observe=64), SUM),
     "w4": (dict(observe_weight=4.0), SUM),
     "segments": (dict(segments=8), SUM),
+    "quota16": (dict(), combine_quota(16)),
+    "quota32": (dict(), combine_quota(32)),
     "snapkv": (dict(method="snapkv"), SUM),
 }
 
