@@ -168,3 +168,16 @@ def test_slowly_rotating_pairs_keep_their_true_frequency():
     assert geometry.omega.min() > 0 and expected.min() < 1e-6
     np.testing.assert_allclose(geometry.omega, expected, rtol=1e-9)
     np.testing.assert_array_equal(geometry.pairs, np.stack([np.arange(64), np.arange(64) + 64], 1))
+
+
+@pytest.mark.parametrize("style", ["half", "traditional"])
+def test_pair_magnitudes_read_as_slices_equal_the_gather(style):
+    from triattn_mlx.kernels import pair_layout
+    from triattn_mlx.scoring import pair_magnitudes
+
+    keys = mx.array(np.random.default_rng(0).normal(size=(2, 3, 17, 16)).astype(np.float32))
+    pairs = mx.array(pair_layout(style, 16))
+    gathered = pair_magnitudes(keys, pairs)
+    assert mx.array_equal(pair_magnitudes(keys, pairs, style), gathered)
+    other = "traditional" if style == "half" else "half"
+    assert not mx.allclose(pair_magnitudes(keys, pairs, other), gathered)
