@@ -9,8 +9,9 @@ full-attention prefill per item (all but the last bench.tasks.TAIL tokens) is sa
 ~/.cache/triattn-mlx/niah-prefill and reused, so each variant costs only the question
 and the answer. Variants: default settings; observe_weight 2 (w2) or 1 (w1);
 max(z(method), z(observation)) instead of their sum (max); observe 64 (obs64); observe_weight
-4 (w4); coverage, 8 segments' quotas (segments); the observation's 16 or 32 best tokens
-of each query head kept first (quota16, quota32); SnapKV.
+4 or 8 (w4, w8); coverage, 8 segments' quotas (segments); the observation's 16 or 32 best tokens
+of each query head kept first (quota16, quota32); a recent window of 64 or 32 (win64,
+win32); SnapKV.
 The log of the run that chose observe_weight 2: results/cpu/experiments/.
 """
 
@@ -57,7 +58,10 @@ VARIANTS = {
     "max": (dict(observe_weight=1.0), combine_max),
     "obs64": (dict(observe=64), SUM),
     "w4": (dict(observe_weight=4.0), SUM),
+    "w8": (dict(observe_weight=8.0), SUM),
     "segments": (dict(segments=8), SUM),
+    "win64": (dict(window=64), SUM),
+    "win32": (dict(window=32), SUM),
     "quota16": (dict(), combine_quota(16)),
     "quota32": (dict(), combine_quota(32)),
     "snapkv": (dict(method="snapkv"), SUM),
