@@ -18,7 +18,8 @@ Rows per length:
 - the ceiling: a KVCache holding `budget` tokens (a context of --budget tokens), decode only;
 - TriAttention: the default settings (prompt_mode "whole": the prompt is held up to
   prefill_limit = max(4 x budget, 8192) tokens and selected when it ends; longer prompts are
-  compressed in rounds of that size);
+  compressed in rounds of that size). The round that selects it runs at the next call, so
+  its cost counts in the first decode step, not in the time to first token;
 - TriAttention chunked: prompt_mode "chunked", compressing after every chunk read (the
   reference's behaviour and this package's 0.2 default), with a profiled run beside it
   (every prune round synchronized and timed: scoring vs selection and compaction);
