@@ -112,14 +112,14 @@ class TriAttentionKVCache(_BaseCache):
             if self.observer is not None:
                 self._observe(N)
             due = self._prompt_due(N)
-            if N == 1 and self._defers and due.any():
-                # The prompt's last token: its attention reads the whole prompt, and the
-                # round that selects it waits for the next call, so that building it (a
-                # few hundred microseconds of host time per layer) is not on the path to
-                # the first token: mlx-lm builds the next step while the GPU computes it.
-                self._deferred = due
-                return held
             if due.any():
+                if N == 1 and self._defers:
+                    # The prompt's last token: its attention reads the whole prompt, and the
+                    # round that selects it waits for the next call, so that building it (a
+                    # few hundred microseconds of host time per layer) is not on the path to
+                    # the first token: mlx-lm builds the next step while the GPU computes it.
+                    self._deferred = due
+                    return held  # _ending stays set: the round votes with the prompt's window
                 self._prune(due)
             self._ending[:] = False
         elif self._idx >= self._due_at:

@@ -66,7 +66,8 @@ def select_tokens(scores, positions, offset, budget, window, sinks, segments=0, 
     ranked = mx.where(protected, mx.inf, scores)
     if segments:
         quota = int(segment_share * (budget - window - sinks) / segments)
-        chosen = segment_quotas(scores, positions, offset, window, sinks, segments, quota) & ~protected
+        candidates = ~protected & (positions >= 0)  # padding (-1) is never a candidate
+        chosen = segment_quotas(scores, positions, candidates, offset - window - sinks, sinks, segments, quota)
         ranked = mx.where(chosen, QUOTA_RANK, ranked)
     keep = mx.argpartition(-ranked, kth=budget - 1, axis=-1)[..., :budget]
     return mx.sort(keep, axis=-1)  # the buffer stays in temporal order: trim relies on it
@@ -75,17 +76,16 @@ def select_tokens(scores, positions, offset, budget, window, sinks, segments=0, 
 QUOTA_RANK = 1e30  # above any z-score, below the protected tokens' inf
 
 
-def segment_quotas(scores, positions, offset, window, sinks, segments, quota):
-    """Coverage: the positions that may be evicted, [sinks, offset - window), cut into
-    `segments` equal stretches; in each, the `quota` best-scored tokens of every KV head
-    (all of them where a stretch holds fewer). bool [B, H_kv, N], so that no stretch of a
-    long prompt is dropped wholesale however the others score."""
+def segment_quotas(scores, positions, candidates, span, sinks, segments, quota):
+    """Coverage: the positions that may be evicted (`candidates`, bool [B, H_kv, N]: those
+    in [sinks, sinks + span)) cut into `segments` equal stretches; in each, the `quota`
+    best-scored tokens of every KV head (all of them where a stretch holds fewer). bool
+    [B, H_kv, N], so that no stretch of a long prompt is dropped wholesale however the
+    others score."""
     if quota < 1:
         return mx.zeros(scores.shape, mx.bool_)
-    span = max(offset - window - sinks, 1)
-    segment = mx.clip((positions - sinks) * segments // span, 0, segments - 1)
-    candidate = (positions >= sinks) & (positions < offset - window)
-    own = (segment[..., None, :] == mx.arange(segments)[:, None]) & candidate[..., None, :]  # [B, H_kv, S, N]
+    segment = mx.clip((positions - sinks) * segments // max(span, 1), 0, segments - 1)
+    own = (segment[..., None, :] == mx.arange(segments)[:, None]) & candidates[..., None, :]  # [B, H_kv, S, N]
     masked = mx.where(own, scores[..., None, :], -mx.inf)
     k = min(quota, scores.shape[-1])
     threshold = mx.topk(masked, k, axis=-1).min(axis=-1)  # [B, H_kv, S]: each stretch's quota-th best
