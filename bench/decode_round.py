@@ -26,7 +26,7 @@ from mlx_lm.models.cache import KVCache
 
 from bench.common import RESULTS
 from bench.kernels import qwen3_8b_4bit, qwen3_8b_bfloat16
-from bench.speed import decode_in_turns, prompt_tokens, time_to_first_token
+from bench.speed import decode_in_turns, prompt_tokens, rates_by_label, time_to_first_token
 from triattn_mlx import make_prompt_cache
 from triattn_mlx.selection import gather_tokens, head_scores, protected_tokens, select_tokens
 
@@ -150,7 +150,8 @@ def main():
     ceiling, compressed = full(), tri()
     y_ceiling, _ = time_to_first_token(model, ceiling, prompt_tokens(BUDGET), 2048)
     y, _ = time_to_first_token(model, compressed, prompt_tokens(PROMPT), 2048)
-    rates = decode_in_turns(model, {"ceiling": (ceiling, y_ceiling, True), "tri": (compressed, y, False)}, 128, 9)
+    rates = rates_by_label(decode_in_turns(model, {"ceiling": (ceiling, y_ceiling, True),
+                                                   "tri": (compressed, y, False)}, 128, 9))
     out = {"turns": {k: float(np.median(v)) for k, v in rates.items()}}
     out["turns_ratio"] = out["turns"]["tri"] / out["turns"]["ceiling"]
     plain, steps, builds = round_steps(model, compressed, y, 6)

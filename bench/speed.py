@@ -2,7 +2,7 @@
 ceiling no eviction method can beat.
 
     python -m bench.speed [--quick] [--lengths 16384 32768 65536 131072] [--budget 4096]
-                          [--decode-tokens 256] [--repeats 3]
+                          [--decode-tokens 64] [--repeats 3] [--turns 5]
 
 GPU (default): a random-weight 4-bit model with Qwen3-8B's config (weights do not change
 speed). --quick (CPU): the real test model (SmolLM2-135M float32) at 4k and 8k tokens,
@@ -26,10 +26,13 @@ Rows per length:
 - through mlx-lm's own path: full KV and TriAttention driven by mlx_lm.generate's
   generate_step (what stream_generate and the CLI run), time to the first token yielded.
 Decode in turns (first, --turns rounds): batch-1 decode is launch-bound and its rate
-wanders by tens of percent between runs a minute apart, more than any difference between
+wanders by tens of percent from one second to the next, more than any difference between
 caches of one size. So the ceiling and a TriAttention cache after a prompt of every length
-are prepared side by side and decoded in turns, --turn-tokens tokens each, the order
-rotated every round; the decode / ceiling ratios "in turns" compare their medians.
+are prepared side by side and decoded in turns, --turn-tokens tokens each (128, the rounds'
+spacing: every TriAttention turn holds one round), the order rotated every round and the
+ceiling's turn between every two others. "decode / ceiling, in turns, paired" is the median
+over TriAttention's turns of each turn's rate over the ceiling turns beside it; "in turns",
+the ratio of the two medians.
 """
 
 import argparse
@@ -77,24 +80,59 @@ def decode(model, cache, y, steps):
     return steps / (time.perf_counter() - start), y
 
 
-def decode_in_turns(model, contestants, steps, rounds):
+def decode_in_turns(model, contestants, steps, rounds, between=None):
     """Decode rates of caches read in turns: round r runs every contestant once, `steps`
     tokens each, in an order rotated by r, so that the machine's drift in speed (batch-1
     decode is launch-bound and its rate wanders by tens of percent from minute to minute)
-    falls on all of them alike. contestants: {label: (cache, first token, trim)}; with
-    trim, the cache is trimmed back after each turn (the ceiling stays at its size).
-    Returns {label: [tok/s per round]}."""
-    labels, rates = list(contestants), {label: [] for label in contestants}
-    state = {label: contestants[label][1] for label in labels}
+    falls on all of them alike. With `between` (a label), that contestant also runs before
+    and after every other one's turn (see paired_ratios). contestants: {label: (cache,
+    first token, trim)}; with trim, the cache is trimmed back after each turn (the ceiling
+    stays at its size). Returns the turns in the order run: [(label, tok/s)]."""
+    others = [label for label in contestants if label != between]
+    state = {label: contestants[label][1] for label in contestants}
+    turns = []
+
+    def turn(label):
+        cache, _, trim = contestants[label]
+        rate, state[label] = decode(model, cache, state[label], steps)
+        turns.append((label, rate))
+        if trim:
+            for c in cache:
+                c.trim(steps)
+
     for r in range(rounds):
-        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
-            cache, _, trim = contestants[label]
-            rate, state[label] = decode(model, cache, state[label], steps)
-            rates[label].append(rate)
-            if trim:
-                for c in cache:
-                    c.trim(steps)
+        for label in others[r % len(others):] + others[: r % len(others)]:
+            if between is not None:
+                turn(between)
+            turn(label)
+        if between is not None:
+            turn(between)
+    return turns
+
+
+def rates_by_label(turns):
+    """{label: [tok/s of its turns, in order]} from decode_in_turns' turns."""
+    rates = {}
+    for label, rate in turns:
+        rates.setdefault(label, []).append(rate)
     return rates
+
+
+def paired_ratios(turns, reference):
+    """{label: [each of its turns' rate over the mean rate of the `reference` turns just
+    before and after it]}. The machine's speed wanders from second to second (on the H200,
+    turns one apart correlate at about 0.6, turns four apart not at all), so a turn is best
+    compared with its neighbours."""
+    out = {}
+    for i, (label, rate) in enumerate(turns):
+        if label == reference:
+            continue
+        before = next((r for l, r in reversed(turns[:i]) if l == reference), None)
+        after = next((r for l, r in turns[i + 1:] if l == reference), None)
+        near = [r for r in (before, after) if r is not None]
+        if near:
+            out.setdefault(label, []).append(rate / float(np.mean(near)))
+    return out
 
 
 def one_run(model, cache, N, decode_tokens, prefill_step):
@@ -110,10 +148,10 @@ def one_run(model, cache, N, decode_tokens, prefill_step):
 
 def median_row(runs):
     """A row from its runs: the median of each figure; every run kept."""
-    row = {k: float(np.median([r[k] for r in runs])) for k in ("prefill_s", "decode_tok_s", "prefill_peak_bytes",
-                                                               "peak_bytes", "kv_bytes")}
-    return {**row, "prune_rounds": runs[0]["prune_rounds"], "prune_seconds": runs[0]["prune_seconds"],
-            "prune_phases": runs[0]["prune_phases"], "runs": runs}
+    row = {k: float(np.median([r[k] for r in runs])) for k in runs[0] if not isinstance(runs[0][k], dict)
+           and k not in ("prune_rounds", "prune_seconds")}
+    return {**row, **{k: runs[0][k] for k in ("prune_rounds", "prune_seconds", "prune_phases") if k in runs[0]},
+            "runs": runs}
 
 
 def rows_in_turns(model, rows, N, budget, decode_tokens, prefill_step, repeats):
@@ -121,14 +159,14 @@ def rows_in_turns(model, rows, N, budget, decode_tokens, prefill_step, repeats):
     once (each on a new cache), in an order rotated by r, so that the machine's drift falls
     on all of them alike (one row's three runs back to back would each meet another minute).
     rows: {label: (make, kind)}, kind "measured" (--repeats runs), "ceiling" (a context of
-    `budget` tokens, --repeats runs), "once" (one run) or "mlx-lm" (one run through
+    `budget` tokens, --repeats runs), "once" (one run) or "mlx-lm" (--repeats runs through
     generate_step). Returns {label: row}; a row whose run fails holds the error."""
     runs, failed = {label: [] for label in rows}, {}
     labels = list(rows)
     for r in range(repeats):
         for label in labels[r % len(labels):] + labels[: r % len(labels)]:
             make, kind = rows[label]
-            if label in failed or (r > 0 and kind in ("once", "mlx-lm")):
+            if label in failed or (r > 0 and kind == "once"):
                 continue
             try:
                 if kind == "mlx-lm":
@@ -141,8 +179,7 @@ def rows_in_turns(model, rows, N, budget, decode_tokens, prefill_step, repeats):
             except RuntimeError as error:  # out of memory, a backend lacking a kernel
                 failed[label] = {"error": str(error).splitlines()[0]}
             mx.clear_cache()
-    return {label: failed.get(label) or (runs[label][0] if rows[label][1] == "mlx-lm" else median_row(runs[label]))
-            for label in labels}
+    return {label: failed.get(label) or median_row(runs[label]) for label in labels}
 
 
 def through_mlx_lm(model, make, N, decode_tokens, prefill_step):
@@ -172,8 +209,8 @@ def test_model():
     return model, calibrate(model, tokenizer.encode(code_text())[:2048], source="inspect.py")
 
 
-QUICK = dict(lengths=[4096, 8064], budget=1024, decode_tokens=64, prefill_step=2048, repeats=3, turn_tokens=32)
-FULL = dict(lengths=[16384, 32768, 65536, 131072], budget=4096, decode_tokens=256, prefill_step=2048, repeats=3,
+QUICK = dict(lengths=[4096, 8064], budget=1024, decode_tokens=64, prefill_step=2048, repeats=3, turn_tokens=128)
+FULL = dict(lengths=[16384, 32768, 65536, 131072], budget=4096, decode_tokens=64, prefill_step=2048, repeats=3,
             turn_tokens=128)
 
 
@@ -216,14 +253,16 @@ def main():
     if args.rows:
         rows_wanted = {k: v for k, v in rows_wanted.items() if k in args.rows}
     # Compile (JIT) every kernel the rows use, prune rounds included, before any timing
-    for make in (full, tri(), tri(prompt_mode="chunked")):
+    chunked = any("chunked" in label for label in rows_wanted)
+    for make in (full, tri()) + ((tri(prompt_mode="chunked"),) if chunked else ()):
         one_run(model, make(), 4 * budget + 512, 8, step)
     results = {"args": {**vars(args), **sizes}, "device": str(mx.default_device()),
                "model_dtype": str(model.model.norm.weight.dtype).split(".")[-1]}
     if args.turns:
         results["decode_in_turns"] = turns = decode_comparison(model, full, tri(), sizes["lengths"], budget, step,
                                                                sizes["turn_tokens"], args.turns)
-        print(json.dumps({k: v["median"] for k, v in turns.items()}), flush=True)
+        print(json.dumps({k: {m: v[m] for m in ("median", "paired_median") if m in v} for k, v in turns.items()}),
+              flush=True)
         write_json(name, results, folder)
     rows = []
     for N in sizes["lengths"]:
@@ -237,8 +276,10 @@ def main():
 
 def decode_comparison(model, full, tri, lengths, budget, prefill_step, steps, rounds):
     """The ceiling (a KVCache holding `budget` tokens) and TriAttention after a prompt of
-    each length, decoded in turns (decode_in_turns) on one machine in one process:
-    {label: {"median": tok/s, "rates": [...]}} (labels "ceiling", "TriAttention N")."""
+    each length, decoded in turns on one machine in one process, the ceiling's turns between
+    every two others: {label: {"median": tok/s, "rates": [...]}} (labels "ceiling",
+    "TriAttention N"), each TriAttention label with "paired": its turns' paired_ratios and
+    "paired_median"."""
     contestants = {}
     for label, make, N, trim in [("ceiling", full, budget, True)] + [(f"TriAttention {N}", tri, N, False)
                                                                       for N in lengths]:
@@ -246,8 +287,12 @@ def decode_comparison(model, full, tri, lengths, budget, prefill_step, steps, ro
         y, _ = time_to_first_token(model, cache, prompt_tokens(N), prefill_step)
         contestants[label] = (cache, y, trim)
         mx.clear_cache()
-    rates = decode_in_turns(model, contestants, steps, rounds)
-    return {label: {"median": float(np.median(r)), "rates": r} for label, r in rates.items()}
+    turns = decode_in_turns(model, contestants, steps, rounds, between="ceiling")
+    paired = paired_ratios(turns, "ceiling")
+    out = {label: {"median": float(np.median(r)), "rates": r} for label, r in rates_by_label(turns).items()}
+    for label, r in paired.items():
+        out[label].update(paired=r, paired_median=float(np.median(r)))
+    return out
 
 
 def ratios(rows, turns=None):
@@ -268,8 +313,8 @@ def ratios(rows, turns=None):
             rates, ceiling = turns[f"TriAttention {N}"], turns["ceiling"]
             entry["TriAttention: decode / ceiling, in turns"] = rates["median"] / ceiling["median"]
             # each round's own ratio (the two decoded seconds apart), then their median
-            entry["TriAttention: decode / ceiling, in turns, per round"] = float(np.median(
-                [a / b for a, b in zip(rates["rates"], ceiling["rates"])]))
+            if "paired_median" in rates:  # each turn over the ceiling's turns beside it, the median
+                entry["TriAttention: decode / ceiling, in turns, paired"] = rates["paired_median"]
         out[str(N)] = entry
     return out
 
