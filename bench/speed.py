@@ -15,7 +15,9 @@ Every row is the median of --repeats runs (each on a new cache), a length's rows
 turns (round r runs each once, the order rotated); the runs are recorded.
 Rows per length:
 - full KV: mlx-lm's KVCache;
-- the ceiling: a KVCache holding `budget` tokens (a context of --budget tokens), decode only;
+- the ceiling: a KVCache holding `budget` tokens (a context of --budget tokens), decode only
+  (these two, and full KV through generate_step, run on the model without TriAttention's
+  query taps, as mlx-lm runs it: without_taps);
 - TriAttention: the default settings (prompt_mode "whole": the prompt is held up to
   prefill_limit = max(4 x budget, 8192) tokens and selected when it ends; longer prompts are
   compressed in rounds of that size). The round that selects it runs at the next call, so
@@ -38,6 +40,7 @@ the ratio of the two medians.
 import argparse
 import json
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import mlx.core as mx
@@ -48,6 +51,23 @@ from mlx_lm.models.cache import KVCache
 from bench.common import RESULTS, plot, write_json
 from bench.kernels import qwen3_8b_4bit
 from triattn_mlx import cache_report, make_prompt_cache
+from triattn_mlx.model_info import attention_module, model_layers, own_rope
+
+
+@contextmanager
+def without_taps(model):
+    """The model as mlx-lm runs it, for the rows of mlx-lm's own caches: a TriAttention cache
+    puts a query tap on every attention's rope (taps.py), and the model is shared. The taps
+    themselves are put back after."""
+    attentions = [a for a in map(attention_module, model_layers(model)) if a is not None]
+    ropes = [a.rope for a in attentions]
+    for a in attentions:
+        a["rope"] = own_rope(a)
+    try:
+        yield
+    finally:
+        for a, rope in zip(attentions, ropes):
+            a["rope"] = rope
 
 
 def prompt_tokens(N, seed=0):
@@ -80,21 +100,23 @@ def decode(model, cache, y, steps):
     return steps / (time.perf_counter() - start), y
 
 
-def decode_in_turns(model, contestants, steps, rounds, between=None):
+def decode_in_turns(model, contestants, steps, rounds, between=None, plain=()):
     """Decode rates of caches read in turns: round r runs every contestant once, `steps`
     tokens each, in an order rotated by r, so that the machine's drift in speed (batch-1
     decode is launch-bound and its rate wanders by tens of percent from minute to minute)
     falls on all of them alike. With `between` (a label), that contestant also runs before
     and after every other one's turn (see paired_ratios). contestants: {label: (cache,
     first token, trim)}; with trim, the cache is trimmed back after each turn (the ceiling
-    stays at its size). Returns the turns in the order run: [(label, tok/s)]."""
+    stays at its size); the labels in `plain` decode without_taps. Returns the turns in the
+    order run: [(label, tok/s)]."""
     others = [label for label in contestants if label != between]
     state = {label: contestants[label][1] for label in contestants}
     turns = []
 
     def turn(label):
         cache, _, trim = contestants[label]
-        rate, state[label] = decode(model, cache, state[label], steps)
+        with without_taps(model) if label in plain else nullcontext():
+            rate, state[label] = decode(model, cache, state[label], steps)
         turns.append((label, rate))
         if trim:
             for c in cache:
@@ -154,13 +176,14 @@ def median_row(runs):
             "runs": runs}
 
 
-def rows_in_turns(model, rows, N, budget, decode_tokens, prefill_step, repeats):
+def rows_in_turns(model, rows, N, budget, decode_tokens, prefill_step, repeats, plain=()):
     """The rows of one length, their runs taken in turns: round r runs every row still due
     once (each on a new cache), in an order rotated by r, so that the machine's drift falls
     on all of them alike (one row's three runs back to back would each meet another minute).
     rows: {label: (make, kind)}, kind "measured" (--repeats runs), "ceiling" (a context of
     `budget` tokens, --repeats runs), "once" (one run) or "mlx-lm" (--repeats runs through
-    generate_step). Returns {label: row}; a row whose run fails holds the error."""
+    generate_step); the rows in `plain` (mlx-lm's caches) run without_taps. Returns
+    {label: row}; a row whose run fails holds the error."""
     runs, failed = {label: [] for label in rows}, {}
     labels = list(rows)
     for r in range(repeats):
@@ -169,17 +192,20 @@ def rows_in_turns(model, rows, N, budget, decode_tokens, prefill_step, repeats):
             if label in failed or (r > 0 and kind == "once"):
                 continue
             try:
-                if kind == "mlx-lm":
-                    runs[label].append(through_mlx_lm(model, make, N, decode_tokens, prefill_step))
-                else:  # the ceiling: a budget-sized context, what decoding at the budget costs at best
-                    cache = make()
-                    runs[label].append(one_run(model, cache, budget if kind == "ceiling" else N, decode_tokens,
-                                               prefill_step))
-                    del cache
+                with without_taps(model) if label in plain else nullcontext():
+                    runs[label].append(run_row(model, make, kind, N, budget, decode_tokens, prefill_step))
             except RuntimeError as error:  # out of memory, a backend lacking a kernel
                 failed[label] = {"error": str(error).splitlines()[0]}
             mx.clear_cache()
     return {label: failed.get(label) or median_row(runs[label]) for label in labels}
+
+
+def run_row(model, make, kind, N, budget, decode_tokens, prefill_step):
+    """One run of a row of rows_in_turns."""
+    if kind == "mlx-lm":
+        return through_mlx_lm(model, make, N, decode_tokens, prefill_step)
+    # the ceiling: a budget-sized context, what decoding at the budget costs at best
+    return one_run(model, make(), budget if kind == "ceiling" else N, decode_tokens, prefill_step)
 
 
 def through_mlx_lm(model, make, N, decode_tokens, prefill_step):
@@ -221,7 +247,7 @@ def main():
     parser.add_argument("--budget", type=int)
     parser.add_argument("--decode-tokens", type=int)
     parser.add_argument("--repeats", type=int)
-    parser.add_argument("--rows", nargs="+", help="row names to run (default: all)")
+    parser.add_argument("--rows", nargs="+", help="row names to run (default: all; 'none': decode in turns only)")
     parser.add_argument("--turns", type=int, default=5,
                         help="rounds of decoding the ceiling and TriAttention at every length in turns (0: off)")
     parser.add_argument("--turn-tokens", type=int, help="tokens per turn (default: 128)")
@@ -251,6 +277,9 @@ def main():
         "TriAttention (mlx-lm generate_step)": (tri(), "mlx-lm"),
     }
     if args.rows:
+        unknown = [r for r in args.rows if r not in rows_wanted and r != "none"]
+        if unknown:
+            parser.error(f"unknown rows {unknown}: choose from {list(rows_wanted)} (or 'none': decode in turns only)")
         rows_wanted = {k: v for k, v in rows_wanted.items() if k in args.rows}
     # Compile (JIT) every kernel the rows use, prune rounds included, before any timing
     chunked = any("chunked" in label for label in rows_wanted)
@@ -264,9 +293,13 @@ def main():
         print(json.dumps({k: {m: v[m] for m in ("median", "paired_median") if m in v} for k, v in turns.items()}),
               flush=True)
         write_json(name, results, folder)
+    if not rows_wanted:
+        write_json(name, {**results, "ratios": ratios([], results.get("decode_in_turns"))}, folder)
+        return
     rows = []
     for N in sizes["lengths"]:
-        for label, row in rows_in_turns(model, rows_wanted, N, budget, decode_tokens, step, repeats).items():
+        plain = [label for label, (make, _) in rows_wanted.items() if make is full]
+        for label, row in rows_in_turns(model, rows_wanted, N, budget, decode_tokens, step, repeats, plain).items():
             rows.append({"N": N, "method": label, **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "runs"}), flush=True)
         write_json(name, {**results, "rows": rows, "ratios": ratios(rows, results.get("decode_in_turns"))}, folder)
@@ -280,14 +313,15 @@ def decode_comparison(model, full, tri, lengths, budget, prefill_step, steps, ro
     every two others: {label: {"median": tok/s, "rates": [...]}} (labels "ceiling",
     "TriAttention N"), each TriAttention label with "paired": its turns' paired_ratios and
     "paired_median"."""
-    contestants = {}
+    contestants = {}  # (the ceiling is read and decoded without_taps: as mlx-lm runs)
     for label, make, N, trim in [("ceiling", full, budget, True)] + [(f"TriAttention {N}", tri, N, False)
                                                                       for N in lengths]:
         cache = make()
-        y, _ = time_to_first_token(model, cache, prompt_tokens(N), prefill_step)
+        with without_taps(model) if make is full else nullcontext():
+            y, _ = time_to_first_token(model, cache, prompt_tokens(N), prefill_step)
         contestants[label] = (cache, y, trim)
         mx.clear_cache()
-    turns = decode_in_turns(model, contestants, steps, rounds, between="ceiling")
+    turns = decode_in_turns(model, contestants, steps, rounds, between="ceiling", plain=("ceiling",))
     paired = paired_ratios(turns, "ceiling")
     out = {label: {"median": float(np.median(r)), "rates": r} for label, r in rates_by_label(turns).items()}
     for label, r in paired.items():
@@ -300,7 +334,8 @@ def ratios(rows, turns=None):
     over the ceiling's (each row's own median; and, where decoded in turns, the medians of
     the turns: the figure drift does not move)."""
     out = {}
-    for N in sorted({r["N"] for r in rows}):
+    turned = {int(label.split()[-1]) for label in turns or {} if label.startswith("TriAttention ")}
+    for N in sorted({r["N"] for r in rows} | turned):
         by = {r["method"]: r for r in rows if r["N"] == N and "error" not in r}
         entry = {}
         for label in ("TriAttention", "TriAttention chunked", "TriAttention (mlx-lm generate_step)"):
