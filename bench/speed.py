@@ -100,22 +100,22 @@ def decode(model, cache, y, steps):
     return steps / (time.perf_counter() - start), y
 
 
-def decode_in_turns(model, contestants, steps, rounds, between=None, plain=()):
+def decode_in_turns(model, contestants, steps, rounds, between=None, contexts=None):
     """Decode rates of caches read in turns: round r runs every contestant once, `steps`
     tokens each, in an order rotated by r, so that the machine's drift in speed (batch-1
     decode is launch-bound and its rate wanders by tens of percent from minute to minute)
     falls on all of them alike. With `between` (a label), that contestant also runs before
     and after every other one's turn (see paired_ratios). contestants: {label: (cache,
     first token, trim)}; with trim, the cache is trimmed back after each turn (the ceiling
-    stays at its size); the labels in `plain` decode without_taps. Returns the turns in the
-    order run: [(label, tok/s)]."""
+    stays at its size); contexts: {label: a function returning the context its turns run in
+    (e.g. without_taps)}. Returns the turns in the order run: [(label, tok/s)]."""
     others = [label for label in contestants if label != between]
     state = {label: contestants[label][1] for label in contestants}
     turns = []
 
     def turn(label):
         cache, _, trim = contestants[label]
-        with without_taps(model) if label in plain else nullcontext():
+        with (contexts or {}).get(label, nullcontext)():
             rate, state[label] = decode(model, cache, state[label], steps)
         turns.append((label, rate))
         if trim:
@@ -321,7 +321,8 @@ def decode_comparison(model, full, tri, lengths, budget, prefill_step, steps, ro
             y, _ = time_to_first_token(model, cache, prompt_tokens(N), prefill_step)
         contestants[label] = (cache, y, trim)
         mx.clear_cache()
-    turns = decode_in_turns(model, contestants, steps, rounds, between="ceiling", plain=("ceiling",))
+    turns = decode_in_turns(model, contestants, steps, rounds, between="ceiling",
+                            contexts={"ceiling": lambda: without_taps(model)})
     paired = paired_ratios(turns, "ceiling")
     out = {label: {"median": float(np.median(r)), "rates": r} for label, r in rates_by_label(turns).items()}
     for label, r in paired.items():

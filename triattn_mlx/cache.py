@@ -102,6 +102,8 @@ class TriAttentionKVCache(_BaseCache):
             self.values[..., i : i + 1, :] = values
             self._idx = i = i + 1
             self._chunk_real = None
+            if self.observer is not None:
+                self.observer.latest = None  # its copy of this step's queries: only a prompt's are used
             held = self.keys[..., :i, :], self.values[..., :i, :]
             if i >= self._due_at:
                 self._prune()
