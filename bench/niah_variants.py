@@ -11,7 +11,8 @@ and the answer. Variants: default settings; observe_weight 2 (w2) or 1 (w1);
 max(z(method), z(observation)) instead of their sum (max); observe 64 (obs64); observe_weight
 4 or 8 (w4, w8); coverage, 8 segments' quotas (segments); the observation's 16 or 32 best tokens
 of each query head kept first (quota16, quota32); a recent window of 64 or 32 (win64,
-win32); SnapKV.
+win32); the method's score max-pooled like the observation (pooled) or the sum pooled
+(pooled-sum); SnapKV.
 The log of the run that chose observe_weight 2: results/cpu/experiments/.
 """
 
@@ -51,6 +52,20 @@ def combine_quota(quota):
     return combine
 
 
+def combine_pooled(whole, kernel=7):
+    """The method's score max-pooled along the sequence as SnapKV pools the observation
+    (kernel 7), so that a token's neighbours share its score; `whole`: the sum pooled."""
+    def combine(self, keys, positions, offset, queries=None):
+        raw = self.scorer(keys, positions, offset)
+        if queries is None:
+            return raw
+        observed = zscore(baselines.observation_scores(queries, keys, positions, offset))
+        if whole:
+            return baselines.pool1d(zscore(raw) + self.weight * observed, kernel, "max")
+        return zscore(baselines.pool1d(raw, kernel, "max")) + self.weight * observed
+    return combine
+
+
 VARIANTS = {
     "default": (dict(), SUM),
     "w1": (dict(observe_weight=1.0), SUM),
@@ -64,6 +79,11 @@ VARIANTS = {
     "win32": (dict(window=32), SUM),
     "quota16": (dict(), combine_quota(16)),
     "quota32": (dict(), combine_quota(32)),
+    "pooled": (dict(), combine_pooled(False)),
+    "pooled-sum": (dict(), combine_pooled(True)),
+    "pooled-sum5": (dict(), combine_pooled(True, 5)),
+    "pooled-sum11": (dict(), combine_pooled(True, 11)),
+    "pooled-sum-w4": (dict(observe_weight=4.0), combine_pooled(True)),
     "snapkv": (dict(method="snapkv"), SUM),
 }
 

@@ -83,6 +83,8 @@ def test_keep_never_evicts_the_prompt(model_and_stats):
     (dict(prefill_limit=70), "prefill_limit must be an integer >= 80"),
     (dict(observe=-1), "observe must be an integer >= 0"),
     (dict(observe_weight=-0.5), "observe_weight must be a number >= 0"),
+    (dict(observe_pool=0), "observe_pool must be an integer >= 1"),
+    (dict(observe_pool=4), "observe_pool must be odd"),
     (dict(segments=-2), "segments must be an integer >= 0"),
     (dict(segments=4, segment_share=1.5), "segment_share must be a number from 0 to 1"),
 ])
@@ -111,6 +113,47 @@ def test_the_prompt_s_last_queries_vote_at_its_end():
     assert obs.shape == (1, H, N) and np.flatnonzero(obs[0, 0] > 0.5).tolist() == list(range(4, 11))
     later = np.array(scorer(mx.array(keys), mx.array(positions), offset + 5))[0]  # a decode round: no window
     np.testing.assert_array_equal(later, np.array(method(None, None, None))[0])
+
+
+def test_observe_pool_max_pools_the_prompt_end_s_sum():
+    """observe_pool: the sum z(method) + weight * z(observation) max-pooled over `pool`
+    neighbouring tokens (a numpy reference); 1 leaves it as it is; later rounds are not
+    pooled."""
+    rng = np.random.default_rng(9)
+    H, n_kv, N, D, offset = 4, 2, 50, 16, 300
+    keys = mx.array(rng.normal(size=(1, n_kv, N, D)).astype(np.float32))
+    positions = mx.array(np.tile(np.arange(offset - N, offset), (n_kv, 1))[None])
+    queries = mx.array(rng.normal(size=(1, H, 8, D)).astype(np.float32))
+    raw = mx.array(rng.normal(size=(1, H, N)).astype(np.float32))
+
+    def method(keys, positions, offset):
+        return raw
+
+    plain = np.array(QueryAwareScorer(method, 2.0)(keys, positions, offset, queries=queries))
+    pooled = np.array(QueryAwareScorer(method, 2.0, pool=5)(keys, positions, offset, queries=queries))
+    padded = np.pad(plain, [(0, 0), (0, 0), (2, 2)], constant_values=-np.inf)
+    expected = np.max([padded[..., i : i + N] for i in range(5)], axis=0)
+    np.testing.assert_allclose(pooled, expected, rtol=1e-6)
+    assert not np.allclose(pooled, plain)
+    later = QueryAwareScorer(method, 2.0, pool=5)(keys, positions, offset + 5)
+    np.testing.assert_array_equal(np.array(later), np.array(raw))
+
+
+def test_observe_pool_reaches_the_prompt_s_selection(model_and_stats):
+    """--observe-pool is wired through make_prompt_cache: it changes what a prompt keeps."""
+    model, stats = model_and_stats
+    tokens = np.random.default_rng(10).integers(0, 128, 240).tolist()
+    kept = []
+    try:
+        for pool in (1, 9):
+            cache = make_prompt_cache(model, stats=stats, prompt_mode="whole", observe=8, observe_pool=pool,
+                                      **OPTIONS)
+            read(model, cache, tokens, 60)
+            kept.append(np.array(cache[0].token_positions()))
+            remove_taps(model)
+    finally:
+        remove_taps(model)
+    assert kept[0].shape == kept[1].shape and not np.array_equal(kept[0], kept[1])
 
 
 def test_observation_keeps_what_the_prompt_end_attends_to(model_and_stats):

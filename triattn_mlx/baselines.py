@@ -122,12 +122,13 @@ class QueryAwareScorer:
     """A prompt's last queries vote beside a method's score: in the round that ends a
     prompt, the cache passes its observation window (`queries`: the prompt's last real
     queries, [B, H, M, D]) and the score is z(method) + weight * z(observation), per query
-    head; in every other round, the method's score alone."""
+    head, max-pooled along the sequence over `pool` tokens; in every other round, the
+    method's score alone."""
 
     observes = True
 
-    def __init__(self, scorer, weight=1.0):
-        self.scorer, self.weight = scorer, weight
+    def __init__(self, scorer, weight=1.0, pool=1):
+        self.scorer, self.weight, self.pool = scorer, weight, pool
         self.reads_quantized = getattr(scorer, "reads_quantized", False)
 
     def __call__(self, keys, positions, offset, queries=None):
@@ -136,7 +137,8 @@ class QueryAwareScorer:
             return raw
         if hasattr(keys, "dequantize"):  # quantized storage: attention reads the values it stands for
             keys = keys.dequantize()
-        return zscore(raw) + self.weight * zscore(observation_scores(queries, keys, positions, offset))
+        return pool1d(zscore(raw) + self.weight * zscore(observation_scores(queries, keys, positions, offset)),
+                      self.pool, "max")
 
     def __deepcopy__(self, memo):
         return self  # the method's scorer: nothing of a sequence's own

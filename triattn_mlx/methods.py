@@ -39,7 +39,12 @@ def layer_scorers(model, settings, stats, infos, shard):
     scorers = method_scorers(model, settings.method, stats, infos, shard)
     if not observes(settings):
         return scorers
-    return {i: QueryAwareScorer(scorer, settings.observe_weight) for i, scorer in scorers.items()}
+    return {i: query_aware(scorer, settings) for i, scorer in scorers.items()}
+
+
+def query_aware(scorer, settings):
+    """The scorer with the prompt's last queries voting beside it, as `settings` say."""
+    return QueryAwareScorer(scorer, settings.observe_weight, settings.observe_pool)
 
 
 def observes(settings):
@@ -94,7 +99,7 @@ def restore_scorer(saved, settings):
     method = state.pop("method")
     if method == "triattention":
         scorer = TriAttentionScorer.from_state(state)
-        return QueryAwareScorer(scorer, settings.observe_weight) if observes(settings) else scorer
+        return query_aware(scorer, settings) if observes(settings) else scorer
     if method in STATELESS:
         return STATELESS[method]
     raise ValueError(f"a saved cache names an unknown method {method!r}")

@@ -48,6 +48,9 @@ class Settings:
     # their z-scored attention's weight beside the method's z-scored score: at 1.0 a 4k prompt at
     # budget 512 lost a needle's last digit (Qwen2.5-Coder-0.5B); 2.0 kept every needle tried
     observe_weight: float = 2.0
+    # that sum max-pooled along the sequence over this many tokens (odd; 1: off), as SnapKV pools
+    # its observation, so that a needle's neighbours share its vote
+    observe_pool: int = 1
     # coverage: the positions that may be evicted cut into `segments` equal stretches, each
     # keeping its best tokens up to segment_share x its equal part of the budget (0: off)
     segments: int = 0
@@ -81,6 +84,9 @@ class Settings:
         if self.prefill_limit is not None:
             _check_int("prefill_limit", self.prefill_limit, self.budget + self.divide_length)
         _check_int("observe", self.observe, 0)
+        _check_int("observe_pool", self.observe_pool, 1)
+        if self.observe_pool % 2 == 0:
+            raise ValueError(f"observe_pool must be odd (a window centred on each token), got {self.observe_pool}")
         _check_int("segments", self.segments, 0)
         if not isinstance(self.segment_share, (int, float)) or not 0 <= self.segment_share <= 1:
             raise ValueError(f"segment_share must be a number from 0 to 1, got {self.segment_share!r}")
@@ -152,6 +158,9 @@ def add_arguments(parser, stats_fallback):
     group.add_argument("--observe-weight", type=float, default=defaults.observe_weight,
                        help=f"weight of their attention beside the method's score "
                             f"(default: {defaults.observe_weight:g})")
+    group.add_argument("--observe-pool", type=int, default=defaults.observe_pool,
+                       help="max-pool their combined score over this many neighbouring tokens, odd "
+                            f"(default: {defaults.observe_pool}; 1: off)")
     group.add_argument("--segments", type=int, default=defaults.segments,
                        help="coverage: cut the evictable positions into this many stretches, each keeping "
                             f"its best tokens up to its quota (default: {defaults.segments}, off)")
@@ -170,5 +179,5 @@ def from_args(args):
                     sinks=args.sinks, pruning_mode=args.pruning_mode, method=args.method,
                     kv_bits=getattr(args, "kv_bits", None), kv_group_size=getattr(args, "kv_group_size", 64),
                     prompt_mode=args.prompt_mode, prefill_limit=args.prefill_limit, observe=args.observe,
-                    observe_weight=args.observe_weight, segments=args.segments,
+                    observe_weight=args.observe_weight, observe_pool=args.observe_pool, segments=args.segments,
                     segment_share=args.segment_share)
