@@ -21,6 +21,9 @@ the prompt cache method_caches() builds, so the figures are what users get:
   triattention-coverage
                   TriAttention with coverage: the evictable positions cut into 8 stretches,
                   each keeping its best tokens up to its quota (half the budget in all)
+  triattention-pooled
+                  TriAttention with observe_pool 11: the prompt round's combined score
+                  max-pooled over 11 neighbouring tokens
   streamingllm, snapkv, h2o, rkv
                   the baselines, through triattn_mlx.make_prompt_cache(method=...), in
                   the same cache with the same settings as TriAttention (per_head pruning,
@@ -99,6 +102,7 @@ METHODS = {  # key -> label, in the order runs and figures show them
     "triattention-lh": "TriAttention (per_layer_per_head)",
     "triattention-keep": "TriAttention (per_head, prompt kept)",
     "triattention-coverage": "TriAttention (per_head, 8 segments' quotas)",
+    "triattention-pooled": "TriAttention (per_head, observe_pool 11)",
     "streamingllm": "StreamingLLM",
     "snapkv": "SnapKV",
     "h2o": "H2O",
@@ -111,6 +115,7 @@ TRIATTENTION = {  # key -> its settings beside the budget
     "triattention-lh": dict(pruning_mode="per_layer_per_head"),
     "triattention-keep": dict(pruning_mode="per_head", prompt_mode="keep"),
     "triattention-coverage": dict(pruning_mode="per_head", segments=8, segment_share=0.5),
+    "triattention-pooled": dict(pruning_mode="per_head", observe_pool=11),
 }
 DEFAULT_WINDOW = 128  # triattn_mlx.make_prompt_cache's recent window
 

@@ -131,3 +131,16 @@ def test_random_eviction_is_seeded_by_the_offset():
     a, b, c = (np.array(random_scores(None, positions, offset)) for offset in (300, 300, 301))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7, 11, 13])
+@pytest.mark.parametrize("op", ["max", "mean"])
+def test_pool1d_matches_a_numpy_sliding_window(kernel, op):
+    from triattn_mlx.baselines import pool1d
+
+    x = np.random.default_rng(kernel).normal(size=(2, 3, 40)).astype(np.float32)
+    pad = kernel // 2
+    padded = np.pad(x, [(0, 0), (0, 0), (pad, pad)], constant_values=-np.inf if op == "max" else 0.0)
+    windows = np.stack([padded[..., i : i + 40] for i in range(kernel)])
+    expected = windows.max(0) if op == "max" else windows.mean(0)
+    np.testing.assert_allclose(np.array(pool1d(mx.array(x), kernel, op)), expected, rtol=1e-5, atol=1e-6)

@@ -49,14 +49,24 @@ def attention_probs(queries, keys, q_positions, k_positions):
 
 
 def pool1d(x, kernel, op):
-    """Max or mean pooling along the last axis, same length (SnapKV / R-KV smoothing)."""
+    """Max or mean pooling along the last axis over `kernel` (odd) tokens centred on each,
+    same length (SnapKV / R-KV smoothing)."""
     if kernel <= 1:
         return x
-    pad = kernel // 2
+    pad, N = kernel // 2, x.shape[-1]
     fill = -mx.inf if op == "max" else 0.0
     padded = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, pad)], constant_values=fill)
-    windows = mx.stack([padded[..., i : i + x.shape[-1]] for i in range(kernel)], axis=0)
-    return windows.max(axis=0) if op == "max" else windows.mean(axis=0)
+    if op == "mean":
+        total = padded[..., :N]
+        for i in range(1, kernel):
+            total = total + padded[..., i : i + N]
+        return total / kernel
+    # max over windows of 1, 2, 4, ... (each from two of the last), then two overlapping ones
+    width, window = 1, padded
+    while 2 * width <= kernel:
+        window = mx.maximum(window[..., :-width], window[..., width:])
+        width *= 2
+    return mx.maximum(window[..., :N], window[..., kernel - width : kernel - width + N])
 
 
 class H2OScorer:
