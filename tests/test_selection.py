@@ -120,3 +120,15 @@ def test_segment_quotas_match_numpy(seed):
     for h in range(H):
         assert (per_stretch(positions[h, got[h]]) >= quota).all()
         assert per_stretch(positions[h, plain[h]])[0] < quota  # what the quota changed
+
+
+def test_coverage_quotas_hold_when_scores_tie():
+    """A pooled score has plateaus: each stretch still gets exactly its quota, so the quotas
+    fit the budget they were sized for."""
+    from triattn_mlx.selection import segment_quotas
+
+    N, segments, quota = 64, 4, 3
+    scores = mx.array(np.repeat(np.arange(N // 8, dtype=np.float32), 8)[None, None])  # runs of 8 equal scores
+    positions = mx.arange(N)[None, None]
+    chosen = np.array(segment_quotas(scores, positions, mx.ones((1, 1, N), mx.bool_), N, 0, segments, quota))[0, 0]
+    assert np.bincount(np.flatnonzero(chosen) * segments // N, minlength=segments).tolist() == [quota] * segments

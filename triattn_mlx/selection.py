@@ -88,8 +88,14 @@ def segment_quotas(scores, positions, candidates, span, sinks, segments, quota):
     own = (segment[..., None, :] == mx.arange(segments)[:, None]) & candidates[..., None, :]  # [B, H_kv, S, N]
     masked = mx.where(own, scores[..., None, :], -mx.inf)
     k = min(quota, scores.shape[-1])
-    threshold = mx.topk(masked, k, axis=-1).min(axis=-1)  # [B, H_kv, S]: each stretch's quota-th best
-    return (own & (masked >= threshold[..., None])).any(axis=-2)
+    # exactly k per stretch (ties, e.g. a pooled score's plateaus, broken either way), fewer
+    # where a stretch holds fewer candidates
+    best = mx.argpartition(-masked, kth=k - 1, axis=-1)[..., :k]  # [B, H_kv, S, k]
+    real = mx.take_along_axis(masked, best, axis=-1) > -mx.inf
+    B, H = scores.shape[:2]
+    rows, heads = mx.arange(B)[:, None, None, None], mx.arange(H)[None, :, None, None]
+    counts = mx.zeros(scores.shape, mx.int32).at[rows, heads, best].add(real.astype(mx.int32))
+    return counts > 0
 
 
 def gather_tokens(x, indices):
