@@ -48,6 +48,7 @@ class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKV
             group = forming_group(("merge", *(c.group.id for c in caches)), len(head.group.members))
         batch = cls(settings=head.settings, scorer=head.scorer, left_padding=[0] * len(caches), group=group,
                     observer=head.observer)
+        batch.switch = head.switch
         held = [c for c in caches if c.keys is not None]
         if held:
             L = max(c.size() for c in caches)
@@ -72,6 +73,7 @@ class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKV
         if self.group is not None:
             group = forming_group(("extract", self.group.id, idx), len(self.group.members))
         cache = TriAttentionKVCache(settings=self.settings, scorer=self.scorer, group=group, observer=self.observer)
+        cache.switch = self.switch
         start, end = int(self._first[idx]), self._idx - int(self._garbage[idx])
         if end > start:
             self._materialize()
@@ -115,6 +117,7 @@ class BatchTriAttentionKVCache(TriAttentionKVCache, batch_form_of=TriAttentionKV
         return memo[1]
 
     def make_mask(self, N, return_array=False, window_size=None):
+        self._switch_taps(decoding=False)  # rows may be reading prompts: the taps stay in
         if N == 1 and window_size is None and not self._padding().any():
             return None  # one new token per row and no padding: it may attend to everything
         return create_causal_mask(N, offset=self._idx, left_padding=self.left_padding, window_size=window_size)

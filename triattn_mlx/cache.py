@@ -31,6 +31,7 @@ from .methods import restore_scorer, saved_scorer
 from .scoring import QuantizedKeys
 from .selection import gather_tokens, head_scores, protected_tokens, select_tokens
 from .settings import Settings
+from .taps import plug_all
 
 
 def first(buffer):
@@ -44,6 +45,7 @@ class TriAttentionKVCache(_BaseCache):
     _eval_on_compact = False  # batch caches materialize each layer's compaction (memory)
     _batch_form = None  # the batch cache class (batch.py registers itself here)
     _defers = True  # the round a prompt's last token makes due runs at the next call (batch: at once)
+    switch = None  # taps.QuerySwitch of the cache set: its query taps leave the decode path
 
     def __init_subclass__(cls, batch_form_of=None, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -163,7 +165,16 @@ class TriAttentionKVCache(_BaseCache):
     def make_mask(self, N, return_array=False, window_size=None):
         # The new tokens follow every cached one: the mask only needs the physical length.
         self._settle()
+        self._switch_taps(decoding=N == 1 and not self._reading_any)
         return create_attention_mask(N, offset=self._idx, return_array=return_array, window_size=window_size)
+
+    def _switch_taps(self, decoding):
+        """A forward is starting (mlx-lm models make their mask first): the query taps are
+        needed while a prompt is read and are taken out of the path of a decode step."""
+        if not decoding:
+            plug_all()
+        elif self.switch is not None:
+            self.switch.unplug()
 
     def is_trimmable(self):
         # As mlx-lm's RotatingKVCache: trimmable until tokens are evicted. After that only

@@ -14,7 +14,7 @@ from .methods import layer_scorers, observes
 from .model_info import attention_info, attention_module, model_layers, model_shard
 from .settings import settings_of
 from .stats import Stats, load_stats, validate_stats
-from .taps import install_latest_queries
+from .taps import QuerySwitch, install_latest_queries
 
 
 def model_caches(model):
@@ -58,9 +58,11 @@ def make_prompt_cache(model, settings=None, *, stats=None, scorer_factory=None, 
     group = SharedSelection() if settings.pruning_mode == "per_head" else None
     kind = TriAttentionKVCache if settings.kv_bits is None else QuantizedTriAttentionKVCache
     caches = list(base)
+    switch = QuerySwitch(taps.values()) if taps else None
     for i, scorer in scorers.items():
         caches[i] = kind(settings=settings, scorer=scorer, group=group, observer=taps.get(i),
                          measure_prune_time=measure_prune_time)
+        caches[i].switch = switch
     return caches
 
 
@@ -149,9 +151,10 @@ def attach(caches, model):
     """Give loaded caches that observe prompts their layer's rope tap on `model`."""
     if any(isinstance(c, TriAttentionKVCache) and observes(c.settings) for c in caches):
         taps = install_latest_queries(model)
+        switch = QuerySwitch(taps.values())
         for i, cache in enumerate(caches):
             if isinstance(cache, TriAttentionKVCache) and observes(cache.settings):
-                cache.observer = taps.get(i)
+                cache.observer, cache.switch = taps.get(i), switch
 
 
 def cache_report(caches):

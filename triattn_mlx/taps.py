@@ -5,6 +5,8 @@ offset=cache.offset)`), so a stand-in for the rope sees every query. Taps are in
 swapping the attention's `rope` entry and removed by putting the rope back.
 """
 
+import weakref
+
 import mlx.core as mx
 import numpy as np
 
@@ -14,6 +16,8 @@ from .model_info import attention_info, attention_module, model_layers, own_rope
 class RopeTap:
     """Stands in for an attention's rope: applies it, and shows each call's queries to
     `on_queries(pre_rope, rotated, offset)`: even calls are queries."""
+
+    owner = None  # the attention whose rope entry it stands in (set by install)
 
     def __init__(self, rope):
         self.rope, self.calls = rope, 0
@@ -120,10 +124,56 @@ class LatestQueries(RopeTap):
         return queries
 
 
+class QuerySwitch:
+    """Takes a cache set's LatestQueries taps out of the decode path, and puts them back.
+
+    A TriAttention cache needs its layer's queries only while a prompt is read (the
+    observation window), but batch-1 decode is launch-bound: two Python calls per layer and
+    step in the path cost ~1% of a step on this CPU and more on the GPU machine's host. So the
+    caches unplug their taps when a forward decodes one token, and plug every unplugged tap
+    back when a forward reads a prompt (TriAttentionKVCache.make_mask, which mlx-lm models
+    call before their first rope) and before anything installs or looks for taps. A model
+    whose forward never calls the cache's make_mask keeps its taps plugged. Only a tap that
+    is alone on its rope is unplugged (chains with other kinds of taps stay as they are)."""
+
+    def __init__(self, taps):
+        self.taps, self.epoch = list(taps), None
+
+    def unplug(self):
+        if self.epoch == _plugs[0]:
+            return  # unplugged already (or nothing could be), and nothing plugged since
+        for tap in self.taps:
+            attn = tap.owner
+            if attn is not None and attn.get("rope") is tap and not isinstance(tap.rope, RopeTap):
+                attn["rope"] = tap.rope
+                _unplugged.add(tap)
+        self.epoch = _plugs[0]
+
+    def __deepcopy__(self, memo):
+        return self  # shared by the caches of a set and by their copies, as the taps are
+
+
+_unplugged = weakref.WeakSet()  # taps a QuerySwitch took out of their attention's rope entry
+_plugs = [0]  # plug_all calls that plugged something: a QuerySwitch unplugs again after one
+
+
+def plug_all():
+    """Put every unplugged tap back on its rope (a forward is about to read a prompt, or
+    taps are being installed or looked for)."""
+    if not _unplugged:
+        return
+    for tap in list(_unplugged):
+        if tap.owner.get("rope") is tap.rope:
+            tap.owner["rope"] = tap
+    _unplugged.clear()
+    _plugs[0] += 1
+
+
 def install(model, kind, make, reuse=False):
     """Put a tap of `kind` on every attention's rope: make(attention, rope) -> tap, wrapping
     whatever taps of other kinds are there already (each sees every call). A tap of `kind`
     already there is replaced, or with `reuse` kept. {layer index: tap}."""
+    plug_all()
     taps = {}
     for i, layer in enumerate(model_layers(model)):
         attn = attention_module(layer)
@@ -136,11 +186,13 @@ def install(model, kind, make, reuse=False):
         if found is not None:
             _splice_out(attn, kind)
         attn["rope"] = taps[i] = make(attn, attn.rope)  # a Module is a dict: swap the entry
+        taps[i].owner = attn
     return taps
 
 
 def taps_of(model, kind):
     """{layer index: the tap of `kind` on its rope} (layers without one left out)."""
+    plug_all()
     found = {}
     for i, layer in enumerate(model_layers(model)):
         attn = attention_module(layer)
@@ -186,6 +238,7 @@ def install_recent_queries(model):
 
 def remove_taps(model, kind=RopeTap):
     """Take the taps of `kind` (every tap by default) off the model's ropes."""
+    plug_all()
     for layer in model_layers(model):
         attn = attention_module(layer)
         if attn is not None:
