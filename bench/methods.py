@@ -14,7 +14,6 @@ from triattn_mlx import make_prompt_cache, remove_taps
 from triattn_mlx.baselines import SnapKVScorer
 from triattn_mlx.scoring import TriAttentionScorer
 from triattn_mlx.selection import zscore
-from triattn_mlx.taps import install_recent_queries
 
 TRIATTENTION = "TriAttention (per_head)"  # the project's default
 
@@ -26,14 +25,17 @@ def window(budget):
 
 class PriorPlusRecentScorer:
     """A variant: TriAttention's calibrated score mixed with the observed attention of the
-    most recent real queries (SnapKV's signal), per query head: z(prior) + weight * z(recent)."""
+    most recent real queries (SnapKV's signal, from the cache's window of the newest 32),
+    per query head: z(prior) + weight * z(recent)."""
 
-    def __init__(self, prior, recent, weight=1.0):
-        self.prior, self.recent, self.weight = prior, recent, weight
+    observes, observe = "always", 32
 
-    def __call__(self, keys, positions, offset):
+    def __init__(self, prior, weight=1.0):
+        self.prior, self.recent, self.weight = prior, SnapKVScorer(self.observe), weight
+
+    def __call__(self, keys, positions, offset, queries=None):
         return (zscore(self.prior(keys, positions, offset))
-                + self.weight * zscore(self.recent(keys, positions, offset)))
+                + self.weight * zscore(self.recent(keys, positions, offset, queries)))
 
 
 def methods(stats):
@@ -55,16 +57,11 @@ def methods(stats):
         return lambda model, budget: cache(model, budget, scorer_factory=factory)
 
     def prior_plus_recent(weight):
-        def make(model, budget):
-            taps = install_recent_queries(model)
+        def factory(i, info):
+            prior = TriAttentionScorer(stats.q_mean[i], stats.q_abs_mean[i], info.rope, info.n_kv_heads)
+            return PriorPlusRecentScorer(prior, weight)
 
-            def factory(i, info):
-                prior = TriAttentionScorer(stats.q_mean[i], stats.q_abs_mean[i], info.rope, info.n_kv_heads)
-                return PriorPlusRecentScorer(prior, SnapKVScorer(taps[i]), weight)
-
-            return cache(model, budget, scorer_factory=factory)
-
-        return make
+        return lambda model, budget: cache(model, budget, scorer_factory=factory)
 
     table = {
         TRIATTENTION: tri(),

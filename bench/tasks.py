@@ -68,8 +68,9 @@ gsm8k and humaneval with the 0.5B model (--limit, --methods and --contexts cut i
 each with its own cache (on 2 CPU cores 12 GSM8K replies took ~2.8 min together, one
 at a time 1.5-2.8 min each).
 Replies then run to EOS or --max-tokens, and a row's seconds are its batch's split evenly.
-SnapKV, H2O and R-KV cannot be batched (their scorers read the model's live queries, which
-a batch mixes): they are dropped with that reason; run them without --batch.
+H2O cannot be batched (its scorer reads the model's live queries, which a batch mixes): it
+is dropped with that reason; run it without --batch. SnapKV and R-KV batch (their caches keep
+the newest queries of their own row).
 
 Results: results/cpu/tasks-<task>-<model>[-quick].json (every item's raw output; written
 every 30 s while running, so an interrupted run keeps what it did) and .png (NIAH: a depth x

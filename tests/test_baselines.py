@@ -6,9 +6,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from triattn_mlx import make_prompt_cache, remove_taps
+from mlx_lm.models.cache import save_prompt_cache
+
+from triattn_mlx import load_prompt_cache, make_prompt_cache, remove_taps
 from triattn_mlx.baselines import H2OScorer, RKVScorer, SnapKVScorer, attention_probs, key_norm_scores
-from triattn_mlx.taps import RecentQueries
+from triattn_mlx.taps import RecentQueries, RopeTap, install
 
 
 def softmax(x):
@@ -61,7 +63,8 @@ def test_snapkv_and_rkv_match_numpy():
     importance = probs.mean(1)  # mean over the window, per query head
     padded = np.pad(importance, [(0, 0), (3, 3)], constant_values=-np.inf)
     pooled = np.stack([padded[:, i : i + importance.shape[-1]] for i in range(kernel)]).max(0)
-    got = SnapKVScorer(FakeRecorder(q, offset), window=window, kernel=kernel)(mx.array(k), mx.array(k_pos), offset)
+    newest = mx.array(q[:, :, -window:])  # the cache's window: the newest queries, at [offset - window, offset)
+    got = SnapKVScorer(observe=window, kernel=kernel)(mx.array(k), mx.array(k_pos), offset, queries=newest)
     np.testing.assert_allclose(np.array(got)[0], pooled, atol=1e-6)
 
     kn = k[0] / np.linalg.norm(k[0], axis=-1, keepdims=True)
@@ -73,8 +76,7 @@ def test_snapkv_and_rkv_match_numpy():
             similar = np.nonzero(sim[h, i] > 0.5)[0]
             sim[h, i, similar.max() if len(similar) else 0] = 0
     redundancy = np.repeat(softmax(sim.mean(1)), 2, axis=0)  # per KV head, for each query head of its group
-    got = RKVScorer(FakeRecorder(q, offset), window=window, kernel=kernel, mix=0.1)(mx.array(k), mx.array(k_pos),
-                                                                                  offset)
+    got = RKVScorer(observe=window, kernel=kernel, mix=0.1)(mx.array(k), mx.array(k_pos), offset, queries=newest)
     np.testing.assert_allclose(np.array(got)[0], 0.1 * pooled - 0.9 * redundancy, atol=1e-6)
 
 
@@ -144,3 +146,70 @@ def test_pool1d_matches_a_numpy_sliding_window(kernel, op):
     windows = np.stack([padded[..., i : i + 40] for i in range(kernel)])
     expected = windows.max(0) if op == "max" else windows.mean(0)
     np.testing.assert_allclose(np.array(pool1d(mx.array(x), kernel, op)), expected, rtol=1e-5, atol=1e-6)
+
+
+class EveryQuery(RopeTap):
+    """A reference tap: every rotated query of the run, in order."""
+
+    def __init__(self, rope):
+        super().__init__(rope)
+        self.seen = []
+
+    def on_queries(self, pre_rope, rotated, offset):
+        self.seen.append(rotated)
+
+
+@pytest.mark.parametrize("method, observe", [("snapkv", 32), ("rkv", 8)])
+def test_snapkv_and_rkv_score_every_round_with_the_newest_queries(tiny_model, method, observe):
+    """Their caches keep the newest queries (prompt and generated) and pass them to every
+    round, reading a prompt and decoding: the same queries a tap recording all of them saw."""
+    remove_taps(tiny_model)
+    cache = make_prompt_cache(tiny_model, 64, method=method, window=16, divide_length=16, prompt_mode="chunked")
+    reference = install(tiny_model, EveryQuery, lambda attn, rope: EveryQuery(rope))[0]
+    scorer, calls = cache[0].scorer, []
+
+    def spy(keys, positions, offset, queries=None):
+        calls.append((offset, queries))
+        return scorer(keys, positions, offset, queries)
+
+    spy.observes, spy.observe = scorer.observes, scorer.observe
+    cache[0].scorer = spy
+    try:
+        tokens = np.random.default_rng(5).integers(0, 128, 150).tolist()
+        for start in range(0, 150, 25):
+            mx.eval(tiny_model(mx.array(tokens[start : start + 25])[None], cache=cache))
+        reading = len(calls)
+        token = tokens[-1]
+        for _ in range(60):
+            token = int(tiny_model(mx.array([[token]]), cache=cache)[0, -1].argmax())
+        assert reading >= 3 and len(calls) >= reading + 3  # rounds while reading and while decoding
+        everything = mx.concatenate(reference.seen, axis=2)
+        for offset, queries in calls:
+            assert queries.shape[2] == observe
+            np.testing.assert_array_equal(np.array(queries), np.array(everything[:, :, offset - observe : offset]))
+    finally:
+        remove_taps(tiny_model)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "rkv"])
+def test_snapkv_and_rkv_caches_save_and_continue_identically(tmp_path, tiny_model, method):
+    remove_taps(tiny_model)
+    options = dict(method=method, window=16, divide_length=16, prompt_mode="chunked")
+    cache = make_prompt_cache(tiny_model, 64, **options)
+    tokens = np.random.default_rng(6).integers(0, 128, 150).tolist()
+    mx.eval(tiny_model(mx.array(tokens)[None], cache=cache))
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"), model=tiny_model)
+
+    def greedy(c):
+        out, token = [], tokens[-1]
+        for _ in range(40):  # two rounds, each scored with the window the file carried on
+            logits = tiny_model(mx.array([[token]]), cache=c)
+            token = int(logits[0, -1].argmax())
+            out.append(np.array(logits[0, -1]))
+        return out
+
+    for a, b in zip(greedy(cache), greedy(loaded)):
+        np.testing.assert_array_equal(a, b)
+    assert loaded[0].prune_rounds == cache[0].prune_rounds >= 3
+    remove_taps(tiny_model)

@@ -71,6 +71,23 @@ def test_each_sequence_keeps_and_generates_what_it_would_alone(model_and_stats, 
         assert any(c.prune_rounds > 0 for c in result.caches[0])
 
 
+@pytest.mark.parametrize("method", ["snapkv", "rkv"])
+def test_snapkv_and_rkv_batch_as_alone(model_and_stats, method):
+    """Their caches keep the newest queries per row: batched, each sequence keeps and
+    generates what it would alone, rounds while reading and while decoding included."""
+    model, _ = model_and_stats
+    max_tokens = [20, 8, 30, 14]
+    caches = [make_prompt_cache(model, method=method, **SETTINGS) for _ in LENGTHS]
+    result = batch_generate(model, Tokenizer(), prompts(), prompt_caches=caches, max_tokens=max_tokens,
+                            prefill_step_size=PREFILL, return_prompt_caches=True)
+    for prompt, n, text, batch_cache in zip(prompts(), max_tokens, result.texts, result.caches):
+        cache = make_prompt_cache(model, method=method, **SETTINGS)
+        assert text == Tokenizer().decode(alone(model, cache, prompt, n))
+        assert_same_cache(batch_cache, cache)
+    assert result.caches[2][0].prune_rounds > 1  # 90 prompt tokens and 30 generated: rounds in both
+    remove_taps(model)
+
+
 def test_sequences_joining_a_running_batch(model_and_stats):
     """Two sequences decode, two more join mid-way; all four match their solo runs, and no row
     ever holds more than budget + divide_length + one prefill chunk."""
@@ -123,9 +140,9 @@ def test_batches_refuse_what_they_cannot_hold(model_and_stats, tmp_path):
     quantized = [make_prompt_cache(model, stats=stats, kv_bits=8, **SETTINGS)[0] for _ in range(2)]
     with pytest.raises(ValueError, match="quantized"):
         BatchTriAttentionKVCache.merge(quantized)
-    snapkv = make_prompt_cache(model, method="snapkv", **SETTINGS)[0]
-    with pytest.raises(ValueError, match="snapkv caches cannot be batched"):
-        BatchTriAttentionKVCache.merge([snapkv, snapkv])
+    h2o = make_prompt_cache(model, method="h2o", **SETTINGS)[0]
+    with pytest.raises(ValueError, match="h2o caches cannot be batched"):
+        BatchTriAttentionKVCache.merge([h2o, h2o])
     remove_taps(model)
     batch = BatchTriAttentionKVCache.merge([make_prompt_cache(model, stats=stats, **SETTINGS)[0]])
     model(mx.array([[1, 2, 3]]), cache=[batch, batch.merge([make_prompt_cache(model, stats=stats, **SETTINGS)[1]])])

@@ -364,8 +364,8 @@ def test_mlx_lm_prompt_cache_reuses_compressed_caches_safely():
 
 
 def test_server_with_a_baseline_method(real_model_dir, tmp_path):
-    """--method snapkv: served one request at a time (its caches cannot share a batch)."""
-    with running_server(real_model_dir, tmp_path, "--method", "snapkv") as srv:
+    """--method h2o: served one request at a time (its caches cannot share a batch)."""
+    with running_server(real_model_dir, tmp_path, "--method", "h2o") as srv:
         reply = srv.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=12)
         assert "Paris" in reply["choices"][0]["message"]["content"]
         long = prose_text()[:2500] + "\n\nSummarize the text above."

@@ -106,3 +106,27 @@ def test_a_batch_plugs_the_taps_and_chains_stay_whole(model_and_stats):
     model(mx.array([[1]]), cache=cache)
     assert plugged(model) == [True, True]
     remove_taps(model)
+
+
+def test_caches_that_observe_every_round_put_the_taps_back_for_their_decode_steps(model_and_stats):
+    """SnapKV's caches read every query: on a model whose taps a TriAttention cache set took
+    out of its decode path, their decode steps put them back (and the other set's next
+    step takes them out again)."""
+    model, stats = model_and_stats
+    remove_taps(model)
+    tri = make_prompt_cache(model, stats=stats, **OPTIONS)
+    snap = make_prompt_cache(model, method="snapkv", budget=48, window=8, divide_length=8)
+    rng = np.random.default_rng(6)
+    read(model, tri, rng.integers(0, 128, 60).tolist())
+    read(model, snap, rng.integers(0, 128, 60).tolist())
+    for step in range(3):
+        model(mx.array([[step]]), cache=tri)
+        assert plugged(model) == [False, False]
+        before = np.array(snap[0]._window)
+        model(mx.array([[step]]), cache=snap)
+        assert plugged(model) == [True, True]
+        after = np.array(snap[0]._window)  # the step's query came in at the end, the oldest left
+        np.testing.assert_array_equal(after[:, :, :-1], before[:, :, 1:])
+        assert not np.array_equal(after[:, :, -1], before[:, :, -1])
+    assert snap[0].switch is None
+    remove_taps(model)

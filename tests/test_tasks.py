@@ -275,10 +275,10 @@ def test_batched_runs_give_what_one_at_a_time_gives(real_model, tmp_path, monkey
 
     monkeypatch.setattr(bench.triattn_mlx, "load", lambda path: real_model)
     common = ["gsm8k", "--limit", "2", "--budgets", "64", "--max-tokens", "12", "--output", str(tmp_path)]
-    bench.main(common + ["--methods", "full", "triattention", "snapkv", "--batch", "2", "--name", "batched"])
+    bench.main(common + ["--methods", "full", "triattention", "h2o", "--batch", "2", "--name", "batched"])
     bench.main(common + ["--methods", "full", "triattention", "--name", "alone"])
     batched, alone = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("batched", "alone"))
-    assert "SnapKV" in batched["skipped"] and "cannot be batched" in batched["skipped"]["SnapKV"]
+    assert "H2O" in batched["skipped"] and "cannot be batched" in batched["skipped"]["H2O"]
     assert [(r["method"], r["item"]) for r in batched["rows"]] == [(m, i["id"]) for m in ("full", "triattention")
                                                                    for i in batched["items"]]
     assert all(r["batch"] == 2 and r["generated_tokens"] <= 12 for r in batched["rows"])

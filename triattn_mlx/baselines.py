@@ -3,8 +3,10 @@
 Each maps (keys [B, H_kv, N, D], positions [B, H_kv, N], offset) to raw scores [B, H, N]
 per query head (or [B, H_kv, N] where the signal is per KV head); selection.py normalizes,
 reduces GQA groups and picks, as for TriAttention. Scorers that need attention (H2O,
-SnapKV, R-KV) read the post-RoPE queries a RecentQueries tap keeps on the layer's rope
-(make_prompt_cache installs them for these methods).
+SnapKV, R-KV) read post-RoPE queries: SnapKV and R-KV the newest ones, which their cache
+keeps (its observation window, fed by a LatestQueries tap on the layer's rope), so they
+batch and save like TriAttention; H2O every query since its last round, from a
+RecentQueries tap it reads itself (make_prompt_cache installs the taps).
 """
 
 import copy
@@ -101,23 +103,22 @@ class H2OScorer:
 
 class SnapKVScorer:
     """SnapKV: attention from an observation window of the most recent queries, averaged
-    over the window and pooled along the sequence, per query head."""
+    over the window and max-pooled along the sequence, per query head. The cache keeps the
+    window (its newest `observe` queries, prompt or generated) and passes it every round."""
 
-    def __init__(self, recorder, window=32, kernel=7):
-        self.recorder, self.window, self.kernel = recorder, window, kernel
+    observes = "always"
 
-    def importance(self, keys, positions, offset):
-        self.recorder.drain(offset)
-        if self.recorder.recent is None:
-            raise RuntimeError("SnapKV scoring found no recorded queries: is the model's rope tapped "
-                               "(make_prompt_cache installs the taps for this method)?")
-        return observation_scores(self.recorder.recent[:, :, -self.window :], keys, positions, offset, self.kernel)
+    def __init__(self, observe=32, kernel=7):
+        self.observe, self.kernel = observe, kernel
 
-    def __call__(self, keys, positions, offset):
-        return self.importance(keys, positions, offset)
+    def __call__(self, keys, positions, offset, queries=None):
+        return self.importance(keys, positions, offset, queries)
 
-    def __deepcopy__(self, memo):
-        return self  # stateless apart from the model's recorder
+    def importance(self, keys, positions, offset, queries):
+        if queries is None:
+            raise RuntimeError(f"{type(self).__name__} found no queries to observe: its cache needs its layer's "
+                               "rope tap (make_prompt_cache installs it; load_prompt_cache(..., model=) reattaches it)")
+        return observation_scores(queries, keys, positions, offset, self.kernel)
 
 
 def observation_scores(queries, keys, positions, offset, kernel=7):
@@ -135,7 +136,7 @@ class QueryAwareScorer:
     head, max-pooled along the sequence over `pool` tokens; in every other round, the
     method's score alone."""
 
-    observes = True
+    observes = "prompt"
 
     def __init__(self, scorer, weight=1.0, pool=1):
         self.scorer, self.weight, self.pool = scorer, weight, pool
@@ -155,16 +156,16 @@ class QueryAwareScorer:
 
 
 class RKVScorer(SnapKVScorer):
-    """R-KV: mix * importance (SnapKV-style attention) - (1 - mix) * redundancy, redundancy
-    being the softmaxed mean cosine similarity of a key to the others (for each key, the
-    newest key very similar to it is not counted against it)."""
+    """R-KV: mix * importance (SnapKV-style attention of the newest `observe` queries) -
+    (1 - mix) * redundancy, redundancy being the softmaxed mean cosine similarity of a key
+    to the others (for each key, the newest key very similar to it is not counted against it)."""
 
-    def __init__(self, recorder, window=8, kernel=7, mix=0.1, threshold=0.5):
-        super().__init__(recorder, window, kernel)
+    def __init__(self, observe=8, kernel=7, mix=0.1, threshold=0.5):
+        super().__init__(observe, kernel)
         self.mix, self.threshold = mix, threshold
 
-    def __call__(self, keys, positions, offset):
-        importance = self.importance(keys, positions, offset)  # [B, H, N]
+    def __call__(self, keys, positions, offset, queries=None):
+        importance = self.importance(keys, positions, offset, queries)  # [B, H, N]
         return self.mix * importance - (1 - self.mix) * mx.repeat(
             redundancy(keys, self.threshold), importance.shape[1] // keys.shape[1], axis=1)
 

@@ -60,8 +60,11 @@ class TriAttentionKVCache(_BaseCache):
         self.settings, self.scorer, self.group = settings, scorer, group
         if group is not None:
             group.add(self)
-        # settings.observe: the layer's rope tap hands over each call's queries; the cache
-        # keeps the last `observe` real ones per row while a prompt is read (its window)
+        # The layer's rope tap (observer) hands over each call's queries; the cache keeps the
+        # last `observe` real ones per row (its window) for scorers that read them: "prompt"
+        # (TriAttention's vote, settings.observe) keeps those of a prompt being read, and they
+        # vote in the round that ends it; "always" (SnapKV, R-KV: their `observe`) keeps the
+        # newest seen, prompt or generated, and they score every round.
         self.observer, self._window, self._chunk_real = observer, None, None
         self._round_positions = None  # token_positions() of a round under way, for its compaction
         self._deferred = None  # rows due when a prompt ended: their round runs at the next call (_settle)
@@ -105,16 +108,20 @@ class TriAttentionKVCache(_BaseCache):
             self._idx = i = i + 1
             self._chunk_real = None
             if self.observer is not None:
-                self.observer.latest = None  # its copy of this step's queries: only a prompt's are used
+                if self.observes == "always":
+                    self._observe(1)
+                else:
+                    self.observer.latest = None  # its copy of this step's queries: only a prompt's are used
             held = self.keys[..., :i, :], self.values[..., :i, :]
             if i >= self._due_at:
                 self._prune()
             return held
         self._append(keys, values)
         held = self._held()
-        if N > 1 or self._reading_any:  # a prompt chunk, or the single token that ends a prompt
-            if self.observer is not None:
-                self._observe(N)
+        reading = N > 1 or self._reading_any  # a prompt chunk, or the single token that ends a prompt
+        if self.observer is not None and (reading or self.observes == "always"):
+            self._observe(N)
+        if reading:
             due = self._prompt_due(N)
             if due.any():
                 if N == 1 and self._defers:
@@ -152,6 +159,16 @@ class TriAttentionKVCache(_BaseCache):
         return 0 if self._shift is None else int(self._shift[0]) + self._idx
 
     @property
+    def observes(self):
+        """What the scorer reads of the queries: None, "prompt" or "always" (see __init__)."""
+        return getattr(self.scorer, "observes", None)
+
+    @property
+    def observe(self):
+        """Queries the window keeps."""
+        return getattr(self.scorer, "observe", self.settings.observe)
+
+    @property
     def prune_rounds(self):
         self._settle()
         return 0 if self._rounds is None else int(self._rounds.max())
@@ -170,8 +187,9 @@ class TriAttentionKVCache(_BaseCache):
 
     def _switch_taps(self, decoding):
         """A forward is starting (mlx-lm models make their mask first): the query taps are
-        needed while a prompt is read and are taken out of the path of a decode step."""
-        if not decoding:
+        needed while a prompt is read (and by scorers that observe always) and are taken out
+        of the path of a decode step."""
+        if not decoding or self.observes == "always":
             plug_all()
         elif self.switch is not None:
             self.switch.unplug()
@@ -293,10 +311,10 @@ class TriAttentionKVCache(_BaseCache):
             self._stored = self._idx
 
     def _observe(self, N):
-        """Keep, per row, the last `observe` real queries of the prompt being read: the
-        window that votes when the prompt ends (padding's queries are skipped: a row's real
-        tokens are contiguous in a chunk, its left padding before them, its right after)."""
-        B, W = len(self._first), self.settings.observe
+        """Keep, per row, the last `observe` real queries: the window (padding's queries are
+        skipped: a row's real tokens are contiguous in a chunk, its left padding before them,
+        its right after)."""
+        B, W = len(self._first), self.observe
         queries = self.observer.take(B, N)
         if queries is None:
             return
@@ -416,11 +434,15 @@ class TriAttentionKVCache(_BaseCache):
             self.prune_seconds += end - start
 
     def _score(self, keys, positions, offset, rows, ending):
-        if not getattr(self.scorer, "observes", False):
+        if self.observes is None:
             return self.scorer(keys, positions, offset)
-        queries = None  # the prompt's last queries vote in the round that ends it
-        if ending and self._window is not None and (self._window_count[rows] >= self.settings.observe).all():
+        # "prompt": the prompt's last `observe` queries vote in the round that ends it;
+        # "always": the newest queries seen score every round (all rows' newest M, M >= 1)
+        seen = 0 if self._window is None else int(self._window_count[rows].min())
+        queries = None
+        if seen >= (self.observe if self.observes == "prompt" else 1) and (ending or self.observes == "always"):
             queries = self._window if len(rows) == len(self._first) else mx.take(self._window, mx.array(rows), axis=0)
+            queries = queries[:, :, self.observe - seen :]
         return self.scorer(keys, positions, offset, queries=queries)
 
     def _select(self, views, scores):

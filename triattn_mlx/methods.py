@@ -13,11 +13,12 @@ from .scoring import SelfCalibratedScorer, TriAttentionScorer
 from .taps import install_query_recorders, install_recent_queries
 
 STATELESS = {"streamingllm": recency_scores, "key_norm": key_norm_scores, "random": random_scores}
+# These score with the newest queries, which their cache keeps (its observation window):
+# they save and batch like TriAttention.
+OBSERVING = {"snapkv": SnapKVScorer, "rkv": RKVScorer}
 # These read the model's live queries (RecentQueries taps on its ropes): their caches can
 # be neither saved (the queries are not in the file) nor batched (a tap sees the whole batch).
-ATTENTION = {"h2o": lambda tap, info: H2OScorer(tap, info.n_heads),
-             "snapkv": lambda tap, info: SnapKVScorer(tap),
-             "rkv": lambda tap, info: RKVScorer(tap)}
+ATTENTION = {"h2o": lambda tap, info: H2OScorer(tap, info.n_heads)}
 
 
 class Unsaveable:
@@ -37,7 +38,7 @@ def layer_scorers(model, settings, stats, infos, shard):
     whole model: `shard` says which of its layers and heads this process holds. With
     settings.observe, TriAttention's scorers also hear the prompt's last queries."""
     scorers = method_scorers(model, settings.method, stats, infos, shard)
-    if not observes(settings):
+    if not prompt_votes(settings):
         return scorers
     return {i: query_aware(scorer, settings) for i, scorer in scorers.items()}
 
@@ -47,8 +48,8 @@ def query_aware(scorer, settings):
     return QueryAwareScorer(scorer, settings.observe_weight, settings.observe_pool)
 
 
-def observes(settings):
-    """Whether caches with these settings keep an observation window (TriAttention only:
+def prompt_votes(settings):
+    """Whether the prompt's last queries vote beside the method's score (TriAttention only:
     SnapKV and R-KV are observation methods themselves)."""
     return settings.method == "triattention" and settings.observe > 0
 
@@ -56,6 +57,8 @@ def observes(settings):
 def method_scorers(model, method, stats, infos, shard):
     if method in STATELESS:
         return {i: STATELESS[method] for i in infos}
+    if method in OBSERVING:
+        return {i: OBSERVING[method]() for i in infos}
     if method in ATTENTION:
         taps = install_recent_queries(model)
         return {i: ATTENTION[method](taps[i], info) for i, info in infos.items()}
@@ -77,7 +80,7 @@ def method_name(scorer):
     for name, fn in STATELESS.items():
         if scorer is fn:
             return name
-    for name, cls in (("h2o", H2OScorer), ("rkv", RKVScorer), ("snapkv", SnapKVScorer)):
+    for name, cls in (("h2o", H2OScorer), ("rkv", RKVScorer), ("snapkv", SnapKVScorer)):  # RKV before its base
         if isinstance(scorer, cls):
             return name
     return None
@@ -90,6 +93,8 @@ def saved_scorer(scorer):
         return {"method": name, **getattr(scorer, "scorer", scorer).state}
     if name in STATELESS:
         return {"method": name}
+    if name in OBSERVING and type(scorer) is OBSERVING[name]:
+        return {"method": name, "observe": scorer.observe, "kernel": scorer.kernel}
     what = f"the {name} method reads the model's live queries" if name else f"its scorer {scorer!r} is custom"
     return Unsaveable(f"this compressed cache cannot be saved: {what} (method triattention caches can)")
 
@@ -99,9 +104,11 @@ def restore_scorer(saved, settings):
     method = state.pop("method")
     if method == "triattention":
         scorer = TriAttentionScorer.from_state(state)
-        return query_aware(scorer, settings) if observes(settings) else scorer
+        return query_aware(scorer, settings) if prompt_votes(settings) else scorer
     if method in STATELESS:
         return STATELESS[method]
+    if method in OBSERVING:
+        return OBSERVING[method](**state)
     raise ValueError(f"a saved cache names an unknown method {method!r}")
 
 

@@ -10,7 +10,7 @@ from mlx_lm.models.cache import KVCache
 from .batch import BatchTriAttentionKVCache
 from .cache import QuantizedTriAttentionKVCache, TriAttentionKVCache
 from .groups import SharedSelection
-from .methods import layer_scorers, observes
+from .methods import layer_scorers
 from .model_info import attention_info, attention_module, model_layers, model_shard
 from .settings import settings_of
 from .stats import Stats, load_stats, validate_stats
@@ -48,22 +48,30 @@ def make_prompt_cache(model, settings=None, *, stats=None, scorer_factory=None, 
     if not infos:
         raise ValueError(f"{type(model).__name__} has no full-attention layer with a plain KV cache: "
                          "there is nothing to compress in this model")
-    taps = {}
     if scorer_factory is not None:
         scorers = {i: scorer_factory(i, info) for i, info in infos.items()}
     else:
         scorers = layer_scorers(model, settings, resolve(stats, model, settings.method), infos, model_shard(model))
-        if observes(settings):  # the caches take each call's queries from their layer's rope
-            taps = install_latest_queries(model)
+    taps, switch = observers(model, scorers.values())
     group = SharedSelection() if settings.pruning_mode == "per_head" else None
     kind = TriAttentionKVCache if settings.kv_bits is None else QuantizedTriAttentionKVCache
     caches = list(base)
-    switch = QuerySwitch(taps.values()) if taps else None
     for i, scorer in scorers.items():
         caches[i] = kind(settings=settings, scorer=scorer, group=group, observer=taps.get(i),
                          measure_prune_time=measure_prune_time)
         caches[i].switch = switch
     return caches
+
+
+def observers(model, scorers):
+    """The rope taps that hand each call's queries to caches whose scorers observe them
+    ({layer: LatestQueries}), and the QuerySwitch that takes the taps out of the decode path
+    (None where a scorer observes every round, or none observes)."""
+    watching = {getattr(s, "observes", None) for s in scorers} - {None}
+    if not watching:
+        return {}, None
+    taps = install_latest_queries(model)
+    return taps, None if "always" in watching else QuerySwitch(taps.values())
 
 
 def resolve(stats, model, method):
@@ -148,13 +156,12 @@ def load_prompt_cache(file_name, return_metadata=False, model=None):
 
 
 def attach(caches, model):
-    """Give loaded caches that observe prompts their layer's rope tap on `model`."""
-    if any(isinstance(c, TriAttentionKVCache) and observes(c.settings) for c in caches):
-        taps = install_latest_queries(model)
-        switch = QuerySwitch(taps.values())
-        for i, cache in enumerate(caches):
-            if isinstance(cache, TriAttentionKVCache) and observes(cache.settings):
-                cache.observer, cache.switch = taps.get(i), switch
+    """Give loaded caches that observe queries their layer's rope tap on `model`."""
+    watching = {i: c for i, c in enumerate(caches) if isinstance(c, TriAttentionKVCache) and c.observes}
+    if watching:
+        taps, switch = observers(model, [c.scorer for c in watching.values()])
+        for i, cache in watching.items():
+            cache.observer, cache.switch = taps.get(i), switch
 
 
 def cache_report(caches):
