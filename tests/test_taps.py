@@ -73,13 +73,19 @@ def test_decode_unplugs_the_taps_and_the_next_prompt_sees_every_query(model_and_
     remove_taps(model)
 
 
-def test_looking_for_or_installing_taps_plugs_them_back(model_and_stats):
-    model, stats = model_and_stats
+def decoding(model, stats, seed):
+    """A fresh cache set on the bare model after a prompt and one decode step: taps out."""
     remove_taps(model)
     cache = make_prompt_cache(model, stats=stats, **OPTIONS)
-    read(model, cache, np.random.default_rng(3).integers(0, 128, 60).tolist())
+    read(model, cache, np.random.default_rng(seed).integers(0, 128, 60).tolist())
     model(mx.array([[1]]), cache=cache)
     assert plugged(model) == [False, False]
+    return cache
+
+
+def test_looking_for_or_installing_taps_plugs_them_back(model_and_stats):
+    model, stats = model_and_stats
+    cache = decoding(model, stats, seed=3)
     found = taps_of(model, LatestQueries)
     assert plugged(model) == [True, True] and [found[i] for i in (0, 1)] == [c.observer for c in cache]
     model(mx.array([[2]]), cache=cache)  # out again
@@ -91,11 +97,7 @@ def test_looking_for_or_installing_taps_plugs_them_back(model_and_stats):
 
 def test_a_batch_plugs_the_taps_and_chains_stay_whole(model_and_stats):
     model, stats = model_and_stats
-    remove_taps(model)
-    cache = make_prompt_cache(model, stats=stats, **OPTIONS)
-    read(model, cache, np.random.default_rng(4).integers(0, 128, 60).tolist())
-    model(mx.array([[1]]), cache=cache)
-    assert plugged(model) == [False, False]
+    cache = decoding(model, stats, seed=4)
     batch = BatchTriAttentionKVCache.merge([cache[0]])
     batch.make_mask(1)  # a batch's rows may be reading prompts: the taps go back in
     assert plugged(model) == [True, True] and batch.switch is cache[0].switch
