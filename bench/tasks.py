@@ -24,6 +24,9 @@ the prompt cache method_caches() builds, so the figures are what users get:
   triattention-pooled
                   TriAttention with observe_pool 11: the prompt round's combined score
                   max-pooled over 11 neighbouring tokens
+  triattention-all
+                  TriAttention with observe_rounds "all": the newest 32 queries vote in
+                  every round (while the model writes too), not only the prompt's last
   streamingllm, snapkv, h2o, rkv
                   the baselines, through triattn_mlx.make_prompt_cache(method=...), in
                   the same cache with the same settings as TriAttention (per_head pruning,
@@ -104,6 +107,7 @@ METHODS = {  # key -> label, in the order runs and figures show them
     "triattention-keep": "TriAttention (per_head, prompt kept)",
     "triattention-coverage": "TriAttention (per_head, 8 segments' quotas)",
     "triattention-pooled": "TriAttention (per_head, observe_pool 11)",
+    "triattention-all": "TriAttention (per_head, the newest queries vote in every round)",
     "streamingllm": "StreamingLLM",
     "snapkv": "SnapKV",
     "h2o": "H2O",
@@ -117,6 +121,7 @@ TRIATTENTION = {  # key -> its settings beside the budget
     "triattention-keep": dict(pruning_mode="per_head", prompt_mode="keep"),
     "triattention-coverage": dict(pruning_mode="per_head", segments=8, segment_share=0.5),
     "triattention-pooled": dict(pruning_mode="per_head", observe_pool=11),
+    "triattention-all": dict(pruning_mode="per_head", observe_rounds="all"),
 }
 DEFAULT_WINDOW = 128  # triattn_mlx.make_prompt_cache's recent window
 

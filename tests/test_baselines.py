@@ -8,7 +8,7 @@ import pytest
 
 from mlx_lm.models.cache import save_prompt_cache
 
-from triattn_mlx import load_prompt_cache, make_prompt_cache, remove_taps
+from triattn_mlx import calibrate, load_prompt_cache, make_prompt_cache, remove_taps
 from triattn_mlx.baselines import H2OScorer, RKVScorer, SnapKVScorer, attention_probs, key_norm_scores
 from triattn_mlx.taps import RecentQueries, RopeTap, install
 
@@ -159,12 +159,17 @@ class EveryQuery(RopeTap):
         self.seen.append(rotated)
 
 
-@pytest.mark.parametrize("method, observe", [("snapkv", 32), ("rkv", 8)])
+@pytest.mark.parametrize("method, observe", [("snapkv", 32), ("rkv", 8), ("triattention", 32)])
 def test_snapkv_and_rkv_score_every_round_with_the_newest_queries(tiny_model, method, observe):
     """Their caches keep the newest queries (prompt and generated) and pass them to every
-    round, reading a prompt and decoding: the same queries a tap recording all of them saw."""
+    round, reading a prompt and decoding: the same queries a tap recording all of them saw.
+    So do TriAttention's with observe_rounds "all"."""
     remove_taps(tiny_model)
-    cache = make_prompt_cache(tiny_model, 64, method=method, window=16, divide_length=16, prompt_mode="chunked")
+    options = {}
+    if method == "triattention":
+        options = dict(observe_rounds="all", stats=calibrate(tiny_model, list(range(128))))
+    cache = make_prompt_cache(tiny_model, 64, method=method, window=16, divide_length=16, prompt_mode="chunked",
+                              **options)
     reference = install(tiny_model, EveryQuery, lambda attn, rope: EveryQuery(rope))[0]
     scorer, calls = cache[0].scorer, []
 
@@ -172,7 +177,7 @@ def test_snapkv_and_rkv_score_every_round_with_the_newest_queries(tiny_model, me
         calls.append((offset, queries))
         return scorer(keys, positions, offset, queries)
 
-    spy.observes, spy.observe = scorer.observes, scorer.observe
+    spy.observes, spy.observe = scorer.observes, cache[0].observe
     cache[0].scorer = spy
     try:
         tokens = np.random.default_rng(5).integers(0, 128, 150).tolist()

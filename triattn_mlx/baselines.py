@@ -134,12 +134,11 @@ class QueryAwareScorer:
     prompt, the cache passes its observation window (`queries`: the prompt's last real
     queries, [B, H, M, D]) and the score is z(method) + weight * z(observation), per query
     head, max-pooled along the sequence over `pool` tokens; in every other round, the
-    method's score alone."""
+    method's score alone. With rounds "all" the newest queries vote in every round."""
 
-    observes = "prompt"
-
-    def __init__(self, scorer, weight=1.0, pool=1):
+    def __init__(self, scorer, weight=1.0, pool=1, rounds="prompt"):
         self.scorer, self.weight, self.pool = scorer, weight, pool
+        self.observes = "always" if rounds == "all" else "prompt"
         self.reads_quantized = getattr(scorer, "reads_quantized", False)
 
     def __call__(self, keys, positions, offset, queries=None):

@@ -16,6 +16,9 @@ PRUNING_MODES = ("per_head", "per_layer_per_head")
 #   chunked: compress it as it is read, chunk by chunk (the reference's behaviour);
 #   keep: never evict prompt tokens; only generated tokens are compressed.
 PROMPT_MODES = ("whole", "chunked", "keep")
+# Which rounds the newest queries vote in (observe): "prompt", the round that ends a prompt
+# (its last queries); "all", every round, generated tokens' included (as SnapKV's do).
+OBSERVE_ROUNDS = ("prompt", "all")
 # prompt_mode "whole" holds at most prefill_limit tokens while reading; by default
 # max(4 x budget, PREFILL_LIMIT_FLOOR): prompts that long are selected once, at their end,
 # with the question's queries voting (a needle read before an earlier round can be lost).
@@ -52,6 +55,7 @@ class Settings:
     # its observation, so that a needle's neighbours share its vote: at 11, a 4k prompt at budget
     # 256 kept a 7-digit number whose tail the unpooled sum lost (Qwen2.5-Coder-0.5B)
     observe_pool: int = 11
+    observe_rounds: str = "prompt"  # OBSERVE_ROUNDS
     # coverage: the positions that may be evicted cut into `segments` equal stretches, each
     # keeping its best tokens up to segment_share x its equal part of the budget (0: off)
     segments: int = 0
@@ -86,6 +90,8 @@ class Settings:
             _check_int("prefill_limit", self.prefill_limit, self.budget + self.divide_length)
         _check_int("observe", self.observe, 0)
         _check_int("observe_pool", self.observe_pool, 1)
+        if self.observe_rounds not in OBSERVE_ROUNDS:
+            raise ValueError(f"observe_rounds must be one of {OBSERVE_ROUNDS}, got {self.observe_rounds!r}")
         if self.observe_pool % 2 == 0:
             raise ValueError(f"observe_pool must be odd (a window centred on each token), got {self.observe_pool}")
         _check_int("segments", self.segments, 0)
@@ -162,6 +168,9 @@ def add_arguments(parser, stats_fallback):
     group.add_argument("--observe-pool", type=int, default=defaults.observe_pool,
                        help="max-pool their combined score over this many neighbouring tokens, odd "
                             f"(default: {defaults.observe_pool}; 1: off)")
+    group.add_argument("--observe-rounds", choices=OBSERVE_ROUNDS, default=defaults.observe_rounds,
+                       help="prompt (default): the prompt's last queries vote in the round that ends it; "
+                            "all: the newest queries vote in every round, while generating too")
     group.add_argument("--segments", type=int, default=defaults.segments,
                        help="coverage: cut the evictable positions into this many stretches, each keeping "
                             f"its best tokens up to its quota (default: {defaults.segments}, off)")
@@ -180,5 +189,6 @@ def from_args(args):
                     sinks=args.sinks, pruning_mode=args.pruning_mode, method=args.method,
                     kv_bits=getattr(args, "kv_bits", None), kv_group_size=getattr(args, "kv_group_size", 64),
                     prompt_mode=args.prompt_mode, prefill_limit=args.prefill_limit, observe=args.observe,
-                    observe_weight=args.observe_weight, observe_pool=args.observe_pool, segments=args.segments,
+                    observe_weight=args.observe_weight, observe_pool=args.observe_pool,
+                    observe_rounds=args.observe_rounds, segments=args.segments,
                     segment_share=args.segment_share)
