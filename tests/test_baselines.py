@@ -217,4 +217,5 @@ def test_snapkv_and_rkv_caches_save_and_continue_identically(tmp_path, tiny_mode
     for a, b in zip(greedy(cache), greedy(loaded)):
         np.testing.assert_array_equal(a, b)
     assert loaded[0].prune_rounds == cache[0].prune_rounds >= 3
+    assert vars(loaded[0].scorer) == vars(cache[0].scorer)  # its options came back as they were
     remove_taps(tiny_model)

@@ -114,6 +114,16 @@ class SnapKVScorer:
     def __call__(self, keys, positions, offset, queries=None):
         return self.importance(keys, positions, offset, queries)
 
+    @property
+    def state(self):
+        """What a saved cache keeps of it (strings: saved files take them as they are)."""
+        return {"options": [str(self.observe), str(self.kernel)]}
+
+    @classmethod
+    def from_state(cls, state):
+        observe, kernel = state["options"]
+        return cls(int(observe), int(kernel))
+
     def importance(self, keys, positions, offset, queries):
         if queries is None:
             raise RuntimeError(f"{type(self).__name__} found no queries to observe: its cache needs its layer's "
@@ -162,6 +172,15 @@ class RKVScorer(SnapKVScorer):
     def __init__(self, observe=8, kernel=7, mix=0.1, threshold=0.5):
         super().__init__(observe, kernel)
         self.mix, self.threshold = mix, threshold
+
+    @property
+    def state(self):
+        return {"options": [str(x) for x in (self.observe, self.kernel, self.mix, self.threshold)]}
+
+    @classmethod
+    def from_state(cls, state):
+        observe, kernel, mix, threshold = state["options"]
+        return cls(int(observe), int(kernel), float(mix), float(threshold))
 
     def __call__(self, keys, positions, offset, queries=None):
         importance = self.importance(keys, positions, offset, queries)  # [B, H, N]

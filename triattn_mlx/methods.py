@@ -94,7 +94,7 @@ def saved_scorer(scorer):
     if name in STATELESS:
         return {"method": name}
     if name in OBSERVING and type(scorer) is OBSERVING[name]:
-        return {"method": name, "observe": scorer.observe, "kernel": scorer.kernel}
+        return {"method": name, **scorer.state}
     what = f"the {name} method reads the model's live queries" if name else f"its scorer {scorer!r} is custom"
     return Unsaveable(f"this compressed cache cannot be saved: {what} (method triattention caches can)")
 
@@ -108,7 +108,7 @@ def restore_scorer(saved, settings):
     if method in STATELESS:
         return STATELESS[method]
     if method in OBSERVING:
-        return OBSERVING[method](**state)
+        return OBSERVING[method].from_state(state)
     raise ValueError(f"a saved cache names an unknown method {method!r}")
 
 
