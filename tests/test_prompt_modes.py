@@ -85,12 +85,26 @@ def test_keep_never_evicts_the_prompt(model_and_stats):
     (dict(observe_weight=-0.5), "observe_weight must be a number >= 0"),
     (dict(observe_pool=0), "observe_pool must be an integer >= 1"),
     (dict(observe_pool=4), "observe_pool must be odd"),
+    (dict(observe_rounds="decode"), "observe_rounds must be one of"),
     (dict(segments=-2), "segments must be an integer >= 0"),
     (dict(segments=4, segment_share=1.5), "segment_share must be a number from 0 to 1"),
 ])
 def test_bad_prompt_settings_fail_where_they_are_made(settings, message):
     with pytest.raises(ValueError, match=message):
         Settings(**OPTIONS, **settings)
+
+
+def test_observe_rounds_flag_reaches_the_settings():
+    import argparse
+
+    from triattn_mlx import settings as flags
+
+    parser = argparse.ArgumentParser()
+    flags.add_arguments(parser, "self-calibration")
+    assert flags.from_args(parser.parse_args([])).observe_rounds == "prompt"
+    assert flags.from_args(parser.parse_args(["--observe-rounds", "all"])).observe_rounds == "all"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--observe-rounds", "decode"])
 
 
 def test_the_prompt_s_last_queries_vote_at_its_end():
