@@ -31,6 +31,9 @@ the prompt cache method_caches() builds, so the figures are what users get:
                   the baselines, through triattn_mlx.make_prompt_cache(method=...), in
                   the same cache with the same settings as TriAttention (per_head pruning,
                   the same prompt mode and observation window): only the score differs
+  snapkv-lh, rkv-lh
+                  SnapKV and R-KV with per_layer_per_head pruning (each layer selects
+                  its own tokens, as the reference implementations do)
   rotating        mlx-lm RotatingKVCache(budget, keep=4), what `mlx_lm.generate --max-kv-size`
                   gives (built directly: mlx-lm 0.32 ignores the flag for llama and gemma3)
 The prompt is read in mlx-lm's chunks (--prefill-step-size, mlx-lm's default 2048). With
@@ -112,9 +115,15 @@ METHODS = {  # key -> label, in the order runs and figures show them
     "snapkv": "SnapKV",
     "h2o": "H2O",
     "rkv": "R-KV",
+    "snapkv-lh": "SnapKV (per_layer_per_head)",
+    "rkv-lh": "R-KV (per_layer_per_head)",
     "rotating": "mlx-lm RotatingKVCache",
 }
-BASELINES = {"streamingllm", "snapkv", "h2o", "rkv"}
+BASELINES = {  # key -> its settings beside the budget
+    **{name: dict(method=name, pruning_mode="per_head") for name in ("streamingllm", "snapkv", "h2o", "rkv")},
+    "snapkv-lh": dict(method="snapkv", pruning_mode="per_layer_per_head"),
+    "rkv-lh": dict(method="rkv", pruning_mode="per_layer_per_head"),
+}
 TRIATTENTION = {  # key -> its settings beside the budget
     "triattention": dict(pruning_mode="per_head"),
     "triattention-lh": dict(pruning_mode="per_layer_per_head"),
@@ -152,7 +161,7 @@ def method_caches(model, method, budget, stats):
     if method in TRIATTENTION:
         return triattn_mlx.make_prompt_cache(model, budget=budget, stats=stats, **TRIATTENTION[method], **small)
     if method in BASELINES:
-        return triattn_mlx.make_prompt_cache(model, budget=budget, method=method, **small)
+        return triattn_mlx.make_prompt_cache(model, budget=budget, **BASELINES[method], **small)
     raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
 
 

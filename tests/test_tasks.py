@@ -233,9 +233,11 @@ def test_every_method_builds_the_cache_it_names(real_model):
         assert {(c.settings.budget, c.settings.window, c.settings.pruning_mode, c.settings.prompt_mode)
                 for c in caches} == {(128, 64, mode, prompt_mode)}
         assert (caches[0].group is not None) == (mode == "per_head")
-    for method in sorted(bench.BASELINES):  # like for like: the same cache and settings, another score
+    for method, options in bench.BASELINES.items():  # like for like: the same cache and settings, another score
         caches = bench.method_caches(model, method, 128, real_stats)
-        assert {(c.settings.method, c.settings.pruning_mode) for c in caches} == {(method, "per_head")}
+        assert {(c.settings.method, c.settings.pruning_mode, c.settings.window) for c in caches} == {
+            (options["method"], options["pruning_mode"], 64)}
+        assert (caches[0].group is not None) == (options["pruning_mode"] == "per_head")
         bench.cleanup(model)
     assert bench.method_caches(model, "triattention", 1024, real_stats)[0].settings.window == 128  # the default
 
