@@ -15,7 +15,7 @@ from triattn_mlx.baselines import SnapKVScorer
 from triattn_mlx.scoring import TriAttentionScorer
 from triattn_mlx.selection import zscore
 
-TRIATTENTION = "TriAttention (per_head)"  # the project's default
+TRIATTENTION = "TriAttention (auto, the default)"  # per_layer_per_head up to budget 128, per_head above
 
 
 def window(budget):
@@ -41,8 +41,9 @@ class PriorPlusRecentScorer:
 def methods(stats):
     """{name: make(model, budget) -> cache}. `stats`: calibrated on other text."""
 
-    def cache(model, budget, **options):
-        return make_prompt_cache(model, budget, window=window(budget), prompt_mode="chunked", **options)
+    def cache(model, budget, pruning_mode="per_head", **options):  # every row per_head unless it says
+        return make_prompt_cache(model, budget, window=window(budget), prompt_mode="chunked",
+                                 pruning_mode=pruning_mode, **options)
 
     def tri(**options):
         return lambda model, budget: cache(model, budget, stats=stats, **options)
@@ -64,10 +65,11 @@ def methods(stats):
         return lambda model, budget: cache(model, budget, scorer_factory=factory)
 
     table = {
-        TRIATTENTION: tri(),
+        TRIATTENTION: tri(pruning_mode="auto"),
+        "TriAttention (per_head)": tri(),
         "TriAttention + recent queries (z-mix 1:1)": prior_plus_recent(1.0),
         "TriAttention (window budget/4)": lambda model, budget: make_prompt_cache(
-            model, budget, window=budget // 4, stats=stats, prompt_mode="chunked"),
+            model, budget, window=budget // 4, stats=stats, prompt_mode="chunked", pruning_mode="per_head"),
         "TriAttention (per_layer_per_head)": tri(pruning_mode="per_layer_per_head"),
         "TriAttention (self-calibrated)": lambda model, budget: cache(model, budget, stats="self"),
         "TriAttention trig term only": tri_scorer(terms="trig"),

@@ -13,7 +13,10 @@
 Every method runs through mlx-lm's own generation path (stream_generate, greedy), with
 the prompt cache method_caches() builds, so the figures are what users get:
   full            mlx-lm KVCache: full attention, the ceiling
-  triattention    TriAttention, per_head pruning (the default)
+  triattention-auto
+                  TriAttention as make_prompt_cache builds it by default (pruning_mode
+                  auto: per_layer_per_head up to budget 128, per_head above)
+  triattention    TriAttention, per_head pruning (the default before 0.7)
   triattention-lh TriAttention, per_layer_per_head pruning
   triattention-keep
                   TriAttention with prompt_mode "keep": the prompt is never evicted, only
@@ -105,6 +108,7 @@ from triattn_mlx.loading import resolve_stats
 
 METHODS = {  # key -> label, in the order runs and figures show them
     "full": "full attention",
+    "triattention-auto": "TriAttention (auto, the default)",
     "triattention": "TriAttention (per_head)",
     "triattention-lh": "TriAttention (per_layer_per_head)",
     "triattention-keep": "TriAttention (per_head, prompt kept)",
@@ -125,6 +129,7 @@ BASELINES = {  # key -> its settings beside the budget
     "rkv-lh": dict(method="rkv", pruning_mode="per_layer_per_head"),
 }
 TRIATTENTION = {  # key -> its settings beside the budget
+    "triattention-auto": dict(pruning_mode="auto"),
     "triattention": dict(pruning_mode="per_head"),
     "triattention-lh": dict(pruning_mode="per_layer_per_head"),
     "triattention-keep": dict(pruning_mode="per_head", prompt_mode="keep"),

@@ -227,7 +227,7 @@ def test_a_deep_copy_prunes_as_its_original(model_and_stats):
 
     model, stats = model_and_stats
     first, rest = prompts((150, 150))
-    caches = make_prompt_cache(model, stats=stats, **SETTINGS)
+    caches = make_prompt_cache(model, stats=stats, pruning_mode="per_head", **SETTINGS)
     model(mx.array(first)[None], cache=caches)
     copies = copy.deepcopy(caches)
     group = copies[0].group

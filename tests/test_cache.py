@@ -175,6 +175,19 @@ def test_bad_sizes_fail_at_construction(tiny_model, tiny_stats, kwargs, message)
         make_prompt_cache(tiny_model, stats=tiny_stats, **kwargs)
 
 
+@pytest.mark.parametrize("budget, mode, shared", [
+    (128, "auto", False), (129, "auto", True), (64, "per_head", True), (1024, "per_layer_per_head", False)])
+def test_pruning_mode_auto_selects_per_layer_at_small_budgets(tiny_model, tiny_stats, budget, mode, shared):
+    """auto (the default) selects layer by layer up to budget 128 and shares one token set
+    per KV head across layers above; an explicit mode holds at any budget, and reloads."""
+    assert Settings().pruning_mode == "auto"
+    cache = make_prompt_cache(tiny_model, budget, stats=tiny_stats, window=16, pruning_mode=mode)
+    assert all((c.group is not None) == shared for c in cache)
+    assert {c.settings.selection for c in cache} == {"per_head" if shared else "per_layer_per_head"}
+    if shared:
+        assert cache[0].group is cache[-1].group
+
+
 def test_stats_for_another_model_are_rejected(tiny_stats):
     other = tiny_llama(num_key_value_heads=4)
     with pytest.raises(StatsError, match="num_kv_heads is 2 in the stats file but 4 in the model"):

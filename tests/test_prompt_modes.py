@@ -14,7 +14,7 @@ from triattn_mlx import Settings, calibrate, make_prompt_cache, remove_taps
 from triattn_mlx.baselines import QueryAwareScorer, observation_scores
 from triattn_mlx.taps import LatestQueries
 
-OPTIONS = dict(budget=64, window=16, divide_length=16)
+OPTIONS = dict(budget=64, window=16, divide_length=16, pruning_mode="per_head")
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_observation_keeps_what_the_prompt_end_attends_to(model_and_stats):
     tokens = np.random.default_rng(7).integers(0, 128, 240).tolist()
     try:
         cache = make_prompt_cache(model, stats=stats, prompt_mode="whole", observe=8, observe_weight=100.0,
-                                  pruning_mode="per_layer_per_head", **OPTIONS)
+                                  **{**OPTIONS, "pruning_mode": "per_layer_per_head"})
         assert isinstance(model.layers[0].self_attn.rope, LatestQueries)
         read(model, cache, tokens, 60)
         window = cache[0]._window  # the prompt's last 8 queries, as layer 0 saw them

@@ -11,7 +11,7 @@ from triattn_mlx.batch import BatchTriAttentionKVCache
 from triattn_mlx.model_info import own_rope
 from triattn_mlx.taps import LatestQueries, install_recent_queries, taps_of
 
-OPTIONS = dict(budget=48, window=8, divide_length=8, observe=8, prompt_mode="whole")
+OPTIONS = dict(budget=48, window=8, divide_length=8, observe=8, prompt_mode="whole", pruning_mode="per_head")
 
 
 @pytest.fixture(scope="module")

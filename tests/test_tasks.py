@@ -232,7 +232,7 @@ def test_every_method_builds_the_cache_it_names(real_model):
         mode, prompt_mode = options["pruning_mode"], options.get("prompt_mode", "whole")
         assert {(c.settings.budget, c.settings.window, c.settings.pruning_mode, c.settings.prompt_mode)
                 for c in caches} == {(128, 64, mode, prompt_mode)}
-        assert (caches[0].group is not None) == (mode == "per_head")
+        assert (caches[0].group is not None) == (caches[0].settings.selection == "per_head")
     for method, options in bench.BASELINES.items():  # like for like: the same cache and settings, another score
         caches = bench.method_caches(model, method, 128, real_stats)
         assert {(c.settings.method, c.settings.pruning_mode, c.settings.window) for c in caches} == {

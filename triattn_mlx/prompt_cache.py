@@ -53,7 +53,7 @@ def make_prompt_cache(model, settings=None, *, stats=None, scorer_factory=None, 
     else:
         scorers = layer_scorers(model, settings, resolve(stats, model, settings.method), infos, model_shard(model))
     taps, switch = observers(model, scorers.values())
-    group = SharedSelection() if settings.pruning_mode == "per_head" else None
+    group = SharedSelection() if settings.selection == "per_head" else None
     kind = TriAttentionKVCache if settings.kv_bits is None else QuantizedTriAttentionKVCache
     caches = list(base)
     for i, scorer in scorers.items():
