@@ -34,8 +34,8 @@ the prompt cache method_caches() builds, so the figures are what users get:
                   the baselines, through triattn_mlx.make_prompt_cache(method=...), in
                   the same cache with the same settings as TriAttention (per_head pruning,
                   the same prompt mode and observation window): only the score differs
-  snapkv-lh, rkv-lh
-                  SnapKV and R-KV with per_layer_per_head pruning (each layer selects
+  snapkv-lh, rkv-lh, h2o-lh
+                  SnapKV, R-KV and H2O with per_layer_per_head pruning (each layer selects
                   its own tokens, as the reference implementations do)
   rotating        mlx-lm RotatingKVCache(budget, keep=4), what `mlx_lm.generate --max-kv-size`
                   gives (built directly: mlx-lm 0.32 ignores the flag for llama and gemma3)
@@ -121,12 +121,14 @@ METHODS = {  # key -> label, in the order runs and figures show them
     "rkv": "R-KV",
     "snapkv-lh": "SnapKV (per_layer_per_head)",
     "rkv-lh": "R-KV (per_layer_per_head)",
+    "h2o-lh": "H2O (per_layer_per_head)",
     "rotating": "mlx-lm RotatingKVCache",
 }
 BASELINES = {  # key -> its settings beside the budget
     **{name: dict(method=name, pruning_mode="per_head") for name in ("streamingllm", "snapkv", "h2o", "rkv")},
     "snapkv-lh": dict(method="snapkv", pruning_mode="per_layer_per_head"),
     "rkv-lh": dict(method="rkv", pruning_mode="per_layer_per_head"),
+    "h2o-lh": dict(method="h2o", pruning_mode="per_layer_per_head"),
 }
 TRIATTENTION = {  # key -> its settings beside the budget
     "triattention-auto": dict(pruning_mode="auto"),
