@@ -107,6 +107,7 @@ class SnapKVScorer:
     window (its newest `observe` queries, prompt or generated) and passes it every round."""
 
     observes = "always"
+    OPTIONS = (("observe", int), ("kernel", int))  # the constructor's arguments, in order, as saved
 
     def __init__(self, observe=32, kernel=7):
         self.observe, self.kernel = observe, kernel
@@ -117,12 +118,11 @@ class SnapKVScorer:
     @property
     def state(self):
         """What a saved cache keeps of it (strings: saved files take them as they are)."""
-        return {"options": [str(self.observe), str(self.kernel)]}
+        return {"options": [str(getattr(self, name)) for name, _ in self.OPTIONS]}
 
     @classmethod
     def from_state(cls, state):
-        observe, kernel = state["options"]
-        return cls(int(observe), int(kernel))
+        return cls(*(kind(value) for (_, kind), value in zip(cls.OPTIONS, state["options"], strict=True)))
 
     def importance(self, keys, positions, offset, queries):
         if queries is None:
@@ -169,18 +169,11 @@ class RKVScorer(SnapKVScorer):
     (1 - mix) * redundancy, redundancy being the softmaxed mean cosine similarity of a key
     to the others (for each key, the newest key very similar to it is not counted against it)."""
 
+    OPTIONS = SnapKVScorer.OPTIONS + (("mix", float), ("threshold", float))
+
     def __init__(self, observe=8, kernel=7, mix=0.1, threshold=0.5):
         super().__init__(observe, kernel)
         self.mix, self.threshold = mix, threshold
-
-    @property
-    def state(self):
-        return {"options": [str(x) for x in (self.observe, self.kernel, self.mix, self.threshold)]}
-
-    @classmethod
-    def from_state(cls, state):
-        observe, kernel, mix, threshold = state["options"]
-        return cls(int(observe), int(kernel), float(mix), float(threshold))
 
     def __call__(self, keys, positions, offset, queries=None):
         importance = self.importance(keys, positions, offset, queries)  # [B, H, N]
