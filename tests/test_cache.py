@@ -177,15 +177,21 @@ def test_bad_sizes_fail_at_construction(tiny_model, tiny_stats, kwargs, message)
 
 @pytest.mark.parametrize("budget, mode, shared", [
     (128, "auto", False), (129, "auto", True), (64, "per_head", True), (1024, "per_layer_per_head", False)])
-def test_pruning_mode_auto_selects_per_layer_at_small_budgets(tiny_model, tiny_stats, budget, mode, shared):
+def test_pruning_mode_auto_selects_per_layer_at_small_budgets(tmp_path, tiny_model, tiny_stats, budget, mode,
+                                                              shared):
     """auto (the default) selects layer by layer up to budget 128 and shares one token set
     per KV head across layers above; an explicit mode holds at any budget, and reloads."""
     assert Settings().pruning_mode == "auto"
     cache = make_prompt_cache(tiny_model, budget, stats=tiny_stats, window=16, pruning_mode=mode)
-    assert all((c.group is not None) == shared for c in cache)
-    assert {c.settings.selection for c in cache} == {"per_head" if shared else "per_layer_per_head"}
-    if shared:
-        assert cache[0].group is cache[-1].group
+    tiny_model(mx.array(np.arange(40) % 128)[None], cache=cache)
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"), model=tiny_model)
+    for caches in (cache, loaded):
+        assert all((c.group is not None) == shared for c in caches)
+        assert {(c.settings.pruning_mode, c.settings.selection) for c in caches} == {
+            (mode, "per_head" if shared else "per_layer_per_head")}
+        if shared:
+            assert caches[0].group is caches[-1].group
 
 
 def test_stats_for_another_model_are_rejected(tiny_stats):
