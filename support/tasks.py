@@ -259,17 +259,31 @@ def _plant(document, needle, at):
     return document[:at] + " " + needle.sentence + document[at:], at + 1
 
 
-def haystack(tokenizer, context, depth, needle, start=0):
+def _plant_all(document, placed):
+    """`document` with every (character position, needle) of `placed` planted, and where
+    each needle's sentence starts (in the order given)."""
+    text, starts = document, [None] * len(placed)
+    for i in sorted(range(len(placed)), key=lambda i: -placed[i][0]):  # the last first: earlier positions hold
+        at, needle = placed[i]
+        text, starts[i] = _plant(text, needle, at)
+        starts = [s if s is None or j == i else s + len(needle.sentence) + 1 for j, s in enumerate(starts)]
+    return text, starts
+
+
+def haystack(tokenizer, context, depth, needle, start=0, others=()):
     """The needle prompt of exactly `context` tokens: essay text (starting with the
     `start`-th essay) holding `needle` at `depth` (0: first sentence, 1: last), the
-    question after the document, all in the chat template."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be between 0 and 1 (a share of the document), got {depth}")
+    question after the document, all in the chat template. `others`: (depth, Needle)
+    pairs planted too, not asked about (a follow-up's needles)."""
+    depths = [depth] + [d for d, _ in others]
+    if not all(0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depth must be between 0 and 1 (a share of the document), got {depths}")
+    needles = [needle] + [n for _, n in others]
     ids = _encoded_haystack(tokenizer, start, context)
-    overhead = len(chat_tokens(tokenizer, niah_user_text(needle.sentence, needle.question)))
+    overhead = len(chat_tokens(tokenizer, niah_user_text(" ".join(n.sentence for n in needles), needle.question)))
     if context < overhead + 64:
         raise ValueError(f"context {context} leaves no room for a document: the template, instruction, "
-                         f"needle and question take {overhead} tokens")
+                         f"needles and question take {overhead} tokens")
 
     def document_of(n, skip):  # the first n tokens of essay text, less its first `skip` words
         if n > len(ids):
@@ -279,13 +293,15 @@ def haystack(tokenizer, context, depth, needle, start=0):
 
     def build(document):
         boundaries = _sentence_boundaries(document)
-        target = depth * len(document)  # refined below by token position
         doc_ids = tokenizer.encode(document, add_special_tokens=False)
-        if 0 < depth < 1:  # the character where the depth-th token starts
-            target = len(tokenizer.decode(doc_ids[: round(depth * len(doc_ids))]))
-        at = min(boundaries, key=lambda b: abs(b - target))
-        planted, needle_at = _plant(document, needle, at)
-        return planted, needle_at, chat_tokens(tokenizer, niah_user_text(planted, needle.question))
+        placed = []
+        for d, n in zip(depths, needles):
+            target = d * len(document)  # refined below by token position
+            if 0 < d < 1:  # the character where the d-th token starts
+                target = len(tokenizer.decode(doc_ids[: round(d * len(doc_ids))]))
+            placed.append((min(boundaries, key=lambda b: abs(b - target)), n))
+        planted, starts = _plant_all(document, placed)
+        return planted, starts[0], chat_tokens(tokenizer, niah_user_text(planted, needle.question))
 
     # Token counts are not additive across joins: walk the essay length to the exact total
     # (the walk stops where it arrives, or where it goes round in a loop: the count can
@@ -306,6 +322,19 @@ def haystack(tokenizer, context, depth, needle, start=0):
     doc_tokens = len(tokenizer.encode(planted, add_special_tokens=False))
     before = len(tokenizer.encode(planted[:needle_at], add_special_tokens=False)) if needle_at else 0
     return Haystack(tokens, needle, context, depth, before / doc_tokens, doc_tokens, planted)
+
+
+FOLLOW_UP = "Another question about the same document: {question} Answer with the exact value only."
+
+
+def follow_up_tokens(tokenizer, first_user_text, reply, question):
+    """The prompt of a second chat turn: the first question, the model's reply, and a
+    follow-up question about the same document (what a chat app sends)."""
+    messages = [{"role": "user", "content": first_user_text}, {"role": "assistant", "content": reply},
+                {"role": "user", "content": FOLLOW_UP.format(question=question)}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    return list(tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
 
 
 # -- GSM8K ---------------------------------------------------------------------------------

@@ -51,6 +51,37 @@ def test_needle_at_the_requested_depth_on_a_sentence_boundary(tokenizer):
         tasks.haystack(tokenizer, 1024, 1.5, needle)
 
 
+def test_haystack_plants_other_needles_not_asked_about(tokenizer):
+    """A follow-up's document: the needle asked about and others, each once, each at its
+    depth, in exactly `context` tokens; only the first needle's question is asked."""
+    asked, other = tasks.make_needle("city", 5), tasks.make_needle("number", 5)
+    for depth, other_depth in ((0.7, 0.3), (0.1, 0.5), (0.0, 1.0)):
+        hay = tasks.haystack(tokenizer, 1024, depth, asked, start=2, others=[(other_depth, other)])
+        assert len(hay.tokens) == 1024
+        assert hay.tokens == tasks.chat_tokens(tokenizer, tasks.niah_user_text(hay.document, asked.question))
+        text = tokenizer.decode(hay.tokens)
+        assert text.count(asked.sentence) == 1 and text.count(other.sentence) == 1
+        assert other.question not in text
+        assert abs(hay.needle_depth - depth) < 0.03
+        at = hay.document.index(other.sentence)
+        other_at = len(tokenizer.encode(hay.document[:at], add_special_tokens=False)) / hay.document_tokens
+        assert abs(other_at - other_depth) < 0.03, (other_depth, other_at)
+    alone = tasks.haystack(tokenizer, 1024, 0.7, asked, start=2)
+    assert alone.tokens == tasks.haystack(tokenizer, 1024, 0.7, asked, start=2, others=()).tokens
+
+
+def test_follow_up_prompt_extends_the_first_turn(tokenizer):
+    """The second turn's prompt repeats the first prompt and the reply, so a cache carried
+    on from the first turn reads only the new tokens."""
+    needle = tasks.make_needle("code", 1)
+    hay = tasks.haystack(tokenizer, 400, 0.5, needle)
+    user = tasks.niah_user_text(hay.document, needle.question)
+    turn = tasks.follow_up_tokens(tokenizer, user, "ABC-1234", "Where does Noor live?")
+    assert turn[: len(hay.tokens)] == hay.tokens
+    rest = tokenizer.decode(turn[len(hay.tokens):])
+    assert rest.index("ABC-1234") < rest.index("Where does Noor live?")
+
+
 def test_needles_are_deterministic_varied_and_absent_from_the_essays(tokenizer):
     assert tasks.make_needle("code", 7) == tasks.make_needle("code", 7)
     assert tasks.haystack(tokenizer, 600, 0.5, tasks.make_needle("date", 3)).tokens == \
@@ -267,6 +298,32 @@ def test_niah_runner_end_to_end(real_model, tmp_path, monkeypatch):
     summary = {s["method"]: s for s in result["summary"]}
     assert summary["triattention"]["full_accuracy_same_items"] == 1.0
     assert {(c["method"], c["depth"]) for c in result["by_cell"]} == {("full", 0.5), ("triattention", 0.5)}
+
+
+def test_niah_follow_up_through_the_carried_cache(real_model, tmp_path, monkeypatch):
+    """--follow-up: the first question asks about another needle, and the needle scored is
+    asked in a second chat turn through the same caches. With full attention the carried
+    cache must answer as a fresh prefill of the whole conversation does (the slow reference);
+    the compressed cache stays within its budget across both turns."""
+    import mlx_lm.models.cache as mlx_cache
+    from bench import tasks as bench
+
+    model, tokenizer = real_model
+    monkeypatch.setattr(bench.triattn_mlx, "load", lambda path: real_model)
+    bench.main(["niah", "--contexts", "512", "--depths", "0.5", "--budgets", "0.25", "--max-tokens", "12",
+                "--follow-up", "--methods", "full", "triattention", "--output", str(tmp_path), "--name", "fu"])
+    result = json.loads((tmp_path / "fu.json").read_text())
+    full, tri = result["rows"]
+    for row in result["rows"]:
+        assert row["first_depth"] == 0.9 and row["first_kind"] != row["kind"] and row["first_output"]
+        assert {"first_correct", "correct", "partial"} <= set(row)
+    assert tri["tokens_kept"] <= 128 + 128
+
+    item = bench.niah_items(tokenizer, dict(contexts=[512], depths=[0.5], needles=1, follow_up=True))[0]
+    turn = tasks.follow_up_tokens(tokenizer, item["_user_text"], full["first_output"], item["question"])
+    fresh = bench.generate(model, tokenizer, turn, mlx_cache.make_prompt_cache(model), 12, 2048,
+                           lambda text: bench.niah_found(item, text))
+    assert full["output"] == fresh["output"]
 
 
 def test_batched_runs_give_what_one_at_a_time_gives(real_model, tmp_path, monkeypatch):
