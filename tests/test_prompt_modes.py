@@ -88,6 +88,7 @@ def test_keep_never_evicts_the_prompt(model_and_stats):
     (dict(observe_rounds="decode"), "observe_rounds must be one of"),
     (dict(segments=-2), "segments must be an integer >= 0"),
     (dict(segments=4, segment_share=1.5), "segment_share must be a number from 0 to 1"),
+    (dict(segment_rounds="decode"), "segment_rounds must be one of"),
 ])
 def test_bad_prompt_settings_fail_where_they_are_made(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -227,3 +228,45 @@ def test_coverage_keeps_every_stretch_of_a_long_prompt():
         for head in held:
             evictable = head[head < 600 - 16]
             assert (np.bincount(evictable * 4 // (600 - 16), minlength=4) >= quota).all()
+
+
+@pytest.mark.parametrize("rounds", ["prompt", "all"])
+def test_coverage_acts_in_the_rounds_segment_rounds_names(rounds, monkeypatch):
+    """Coverage is on by default in the round that ends a prompt (a document's every
+    stretch keeps its quota for a follow-up question); generation rounds select by score
+    alone unless segment_rounds is "all"."""
+    import argparse
+
+    from triattn_mlx import cache as cache_module
+    from triattn_mlx import settings as flags
+
+    seen, select = [], cache_module.select_tokens
+
+    def recording(*args):
+        seen.append(args[6:])  # (segments, segment_share)
+        return select(*args)
+
+    monkeypatch.setattr(cache_module, "select_tokens", recording)
+    model = tiny_llama(seed=2)
+    stats = calibrate(model, np.random.default_rng(3).integers(0, 128, 200))
+    cache = make_prompt_cache(model, stats=stats, segments=8, segment_rounds=rounds, **OPTIONS)
+    read(model, cache, np.random.default_rng(4).integers(0, 128, 300).tolist(), 128)
+    prompt_rounds = len(seen)
+    for token in range(40):  # decoding past divide_length: two more rounds
+        model(mx.array([[token]]), cache=cache)
+    assert prompt_rounds == 1 and len(seen) == 3  # per_head: one selection a round for every layer
+    assert seen[0] == (8, 0.5)
+    assert seen[1:] == [(8, 0.5) if rounds == "all" else (0, 0.0)] * 2
+    assert Settings(segments=0).coverage(ending=True) == (0, 0.0)
+    # the default: 8 stretches above budget 128 (where pruning_mode auto selects per_head), in the prompt's round
+    assert Settings().segments is None and Settings().segment_rounds == "prompt"
+    assert Settings(budget=129).coverage(ending=True) == (8, 0.5)
+    assert Settings(budget=129).coverage(ending=False) == (0, 0.0)
+    assert Settings(budget=128, window=64).coverage(ending=True) == (0, 0.0)
+    assert Settings(budget=96, window=16, segments=4).coverage(ending=True) == (4, 0.5)  # asked for: honoured
+    assert Settings.from_list(Settings(budget=512).to_list()).segments_in_force == 8
+
+    parser = argparse.ArgumentParser()
+    flags.add_arguments(parser, "self-calibration")
+    assert flags.from_args(parser.parse_args(["--segment-rounds", rounds])).segment_rounds == rounds
+    assert flags.from_args(parser.parse_args(["--segments", "0"])).segments == 0

@@ -449,8 +449,8 @@ class TriAttentionKVCache(_BaseCache):
         """[(rows, start, keep)]: keep [len(rows), H_kv, budget] indices into the rows' slots
         from `start`."""
         s = self.settings
-        return [(rows, key[0], select_tokens(scores[key], positions, key[2], key[3], s.window, key[4], s.segments,
-                                             s.segment_share))
+        return [(rows, key[0], select_tokens(scores[key], positions, key[2], key[3], s.window, key[4],
+                                             *s.coverage(ending=key[5])))
                 for key, (rows, _, positions) in views.items()]
 
     def _compact(self, selected, drop_garbage=False):
