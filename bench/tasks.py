@@ -15,18 +15,15 @@ the prompt cache method_caches() builds, so the figures are what users get:
   full            mlx-lm KVCache: full attention, the ceiling
   triattention-auto
                   TriAttention as make_prompt_cache builds it by default (pruning_mode
-                  auto: per_layer_per_head up to budget 128, per_head above; from 0.8,
-                  coverage in the prompt's round: 8 segments, half the budget)
-  triattention    TriAttention, per_head pruning, no coverage (the default before 0.7)
-  triattention-lh TriAttention, per_layer_per_head pruning, no coverage (0.7's default at 128)
+                  auto: per_layer_per_head up to budget 128, per_head above)
+  triattention    TriAttention, per_head pruning (the default before 0.7)
+  triattention-lh TriAttention, per_layer_per_head pruning
   triattention-keep
                   TriAttention with prompt_mode "keep": the prompt is never evicted, only
-                  generated tokens are (the cache then holds at least prompt + window);
-                  this, -pooled and -all: per_head, no coverage, as measured before 0.8
+                  generated tokens are (the cache then holds at least prompt + window)
   triattention-coverage
-                  TriAttention, per_head, with coverage: in the prompt's round the evictable
-                  positions are cut into 8 stretches, each keeping its best tokens up to its
-                  quota (half the budget in all); before 0.8 in every round
+                  TriAttention, per_head, with coverage: the evictable positions cut into 8
+                  stretches, each keeping its best tokens up to its quota (half the budget in all)
   triattention-pooled
                   TriAttention with observe_pool 11: the prompt round's combined score
                   max-pooled over 11 neighbouring tokens
@@ -36,8 +33,7 @@ the prompt cache method_caches() builds, so the figures are what users get:
   streamingllm, snapkv, h2o, rkv
                   the baselines, through triattn_mlx.make_prompt_cache(method=...), in
                   the same cache with the same settings as TriAttention (per_head pruning,
-                  the same prompt mode and observation window) but, as published, without
-                  coverage: only the score and coverage differ
+                  the same prompt mode and observation window): only the score differs
   snapkv-coverage SnapKV with TriAttention's coverage: what coverage alone does
   snapkv-lh, rkv-lh, h2o-lh
                   SnapKV, R-KV and H2O with per_layer_per_head pruning (each layer selects
@@ -135,22 +131,21 @@ METHODS = {  # key -> label, in the order runs and figures show them
     "snapkv-coverage": "SnapKV (per_head, 8 segments' quotas)",
     "rotating": "mlx-lm RotatingKVCache",
 }
-OLD = dict(segments=0)  # the rows measured before coverage was on by default (0.8) keep their meaning
-BASELINES = {  # key -> its settings beside the budget: as published, without coverage
-    **{name: dict(method=name, pruning_mode="per_head", **OLD) for name in ("streamingllm", "snapkv", "h2o", "rkv")},
-    "snapkv-lh": dict(method="snapkv", pruning_mode="per_layer_per_head", **OLD),
-    "rkv-lh": dict(method="rkv", pruning_mode="per_layer_per_head", **OLD),
-    "h2o-lh": dict(method="h2o", pruning_mode="per_layer_per_head", **OLD),
+BASELINES = {  # key -> its settings beside the budget
+    **{name: dict(method=name, pruning_mode="per_head") for name in ("streamingllm", "snapkv", "h2o", "rkv")},
+    "snapkv-lh": dict(method="snapkv", pruning_mode="per_layer_per_head"),
+    "rkv-lh": dict(method="rkv", pruning_mode="per_layer_per_head"),
+    "h2o-lh": dict(method="h2o", pruning_mode="per_layer_per_head"),
     "snapkv-coverage": dict(method="snapkv", pruning_mode="per_head", segments=8, segment_share=0.5),
 }
 TRIATTENTION = {  # key -> its settings beside the budget
     "triattention-auto": dict(pruning_mode="auto"),
-    "triattention": dict(pruning_mode="per_head", **OLD),
-    "triattention-lh": dict(pruning_mode="per_layer_per_head", **OLD),
-    "triattention-keep": dict(pruning_mode="per_head", prompt_mode="keep", **OLD),
+    "triattention": dict(pruning_mode="per_head"),
+    "triattention-lh": dict(pruning_mode="per_layer_per_head"),
+    "triattention-keep": dict(pruning_mode="per_head", prompt_mode="keep"),
     "triattention-coverage": dict(pruning_mode="per_head", segments=8, segment_share=0.5),
-    "triattention-pooled": dict(pruning_mode="per_head", observe_pool=11, **OLD),
-    "triattention-all": dict(pruning_mode="per_head", observe_rounds="all", **OLD),
+    "triattention-pooled": dict(pruning_mode="per_head", observe_pool=11),
+    "triattention-all": dict(pruning_mode="per_head", observe_rounds="all"),
 }
 DEFAULT_WINDOW = 128  # triattn_mlx.make_prompt_cache's recent window
 

@@ -232,9 +232,8 @@ def test_coverage_keeps_every_stretch_of_a_long_prompt():
 
 @pytest.mark.parametrize("rounds", ["prompt", "all"])
 def test_coverage_acts_in_the_rounds_segment_rounds_names(rounds, monkeypatch):
-    """Coverage is on by default in the round that ends a prompt (a document's every
-    stretch keeps its quota for a follow-up question); generation rounds select by score
-    alone unless segment_rounds is "all"."""
+    """Coverage (off by default) acts in every round, or with segment_rounds "prompt" only
+    in the round that ends a prompt: generation rounds then select by score alone."""
     import argparse
 
     from triattn_mlx import cache as cache_module
@@ -258,15 +257,10 @@ def test_coverage_acts_in_the_rounds_segment_rounds_names(rounds, monkeypatch):
     assert seen[0] == (8, 0.5)
     assert seen[1:] == [(8, 0.5) if rounds == "all" else (0, 0.0)] * 2
     assert Settings(segments=0).coverage(ending=True) == (0, 0.0)
-    # the default: 8 stretches above budget 128 (where pruning_mode auto selects per_head), in the prompt's round
-    assert Settings().segments is None and Settings().segment_rounds == "prompt"
-    assert Settings(budget=129).coverage(ending=True) == (8, 0.5)
-    assert Settings(budget=129).coverage(ending=False) == (0, 0.0)
-    assert Settings(budget=128, window=64).coverage(ending=True) == (0, 0.0)
-    assert Settings(budget=96, window=16, segments=4).coverage(ending=True) == (4, 0.5)  # asked for: honoured
-    assert Settings.from_list(Settings(budget=512).to_list()).segments_in_force == 8
-
+    assert Settings().segments == 0 and Settings().segment_rounds == "all"  # off by default
+    assert Settings(segments=4).coverage(ending=False) == (4, 0.5)
+    assert Settings(segments=4, segment_rounds="prompt").coverage(ending=False) == (0, 0.0)
     parser = argparse.ArgumentParser()
     flags.add_arguments(parser, "self-calibration")
     assert flags.from_args(parser.parse_args(["--segment-rounds", rounds])).segment_rounds == rounds
-    assert flags.from_args(parser.parse_args(["--segments", "0"])).segments == 0
+    assert flags.from_args(parser.parse_args(["--segments", "4"])).segments == 4

@@ -16,7 +16,6 @@ import numpy as np
 # (a date at 6.25% of a 4k prompt, a number's tail at 12.5%) and KL from 512 up (0.142 against 0.107).
 PRUNING_MODES = ("auto", "per_head", "per_layer_per_head")
 PER_LAYER_BUDGET = 128
-SEGMENTS = 8  # coverage's stretches by default, above PER_LAYER_BUDGET (Settings.segments)
 # How a prompt (tokens arriving several per call) is compressed:
 #   whole: read it whole (holding up to prefill_limit tokens), then select once, when its
 #          last token arrives, with the prompt's last queries voting (observe);
@@ -65,15 +64,13 @@ class Settings:
     observe_rounds: str = "prompt"  # OBSERVE_ROUNDS
     # coverage: the positions that may be evicted cut into `segments` equal stretches, each
     # keeping its best tokens up to segment_share x its equal part of the budget (0: off), in
-    # the rounds segment_rounds names (OBSERVE_ROUNDS: "prompt", the round that ends a prompt).
-    # None: SEGMENTS above PER_LAYER_BUDGET, off at or below (as pruning_mode auto; not measured
-    # there); `coverage` says what a round uses. On in the prompt's round by default: a 4k
-    # document's follow-up question (a second chat turn about another needle) was answered 3/5
-    # at budget 1024 and 2/5 at 512, against 1/5 without, first questions unchanged
-    # (Qwen2.5-Coder-0.5B, docs/RESULTS.md 0.8)
-    segments: int | None = None
+    # the rounds segment_rounds names (OBSERVE_ROUNDS: "prompt", only the round that ends a
+    # prompt). Off by default: with it a follow-up question about another needle of a 4k
+    # document was answered more often (3/5 against 1/5 at budget 1024), of an 8k one less
+    # often (0/3 against 1/3 at 2048) (Qwen2.5-Coder-0.5B, docs/RESULTS.md 0.8)
+    segments: int = 0
     segment_share: float = 0.5
-    segment_rounds: str = "prompt"
+    segment_rounds: str = "all"
 
     @property
     def selection(self):
@@ -82,17 +79,10 @@ class Settings:
             return self.pruning_mode
         return "per_layer_per_head" if self.budget <= PER_LAYER_BUDGET else "per_head"
 
-    @property
-    def segments_in_force(self):
-        """segments, with None settled by the budget."""
-        if self.segments is not None:
-            return self.segments
-        return SEGMENTS if self.budget > PER_LAYER_BUDGET else 0
-
     def coverage(self, ending):
         """(segments, segment_share) for a round (`ending`: it ends a prompt); (0, 0.0): none."""
-        if self.segments_in_force and (ending or self.segment_rounds == "all"):
-            return self.segments_in_force, self.segment_share
+        if self.segments and (ending or self.segment_rounds == "all"):
+            return self.segments, self.segment_share
         return 0, 0.0
 
     @property
@@ -128,8 +118,7 @@ class Settings:
             raise ValueError(f"observe_rounds must be one of {OBSERVE_ROUNDS}, got {self.observe_rounds!r}")
         if self.observe_pool % 2 == 0:
             raise ValueError(f"observe_pool must be odd (a window centred on each token), got {self.observe_pool}")
-        if self.segments is not None:
-            _check_int("segments", self.segments, 0)
+        _check_int("segments", self.segments, 0)
         if self.segment_rounds not in OBSERVE_ROUNDS:
             raise ValueError(f"segment_rounds must be one of {OBSERVE_ROUNDS}, got {self.segment_rounds!r}")
         if not isinstance(self.segment_share, (int, float)) or not 0 <= self.segment_share <= 1:
@@ -211,14 +200,12 @@ def add_arguments(parser, stats_fallback):
                             "all: the newest queries vote in every round, while generating too")
     group.add_argument("--segments", type=int, default=defaults.segments,
                        help="coverage: cut the evictable positions into this many stretches, each keeping "
-                            f"its best tokens up to its quota (default: {SEGMENTS} above budget "
-                            f"{PER_LAYER_BUDGET}, else 0; 0: off)")
+                            f"its best tokens up to its quota (default: {defaults.segments}, off)")
     group.add_argument("--segment-share", type=float, default=defaults.segment_share,
                        help=f"share of the budget the stretches' quotas take together (default: "
                             f"{defaults.segment_share:g})")
     group.add_argument("--segment-rounds", choices=OBSERVE_ROUNDS, default=defaults.segment_rounds,
-                       help="prompt (default): coverage in the round that ends a prompt, so that a follow-up "
-                            "question about another part of a document still finds it; all: every round")
+                       help="all (default): coverage in every round; prompt: only in the round that ends a prompt")
     group.add_argument("--stats", default="auto",
                        help="calibration stats: a .safetensors file, a Hugging Face repo id, or "
                             f"'auto' (shipped stats matching the model, else {stats_fallback})")
