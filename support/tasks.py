@@ -84,9 +84,18 @@ def chat_tokens(tokenizer, user_text):
     template = getattr(tokenizer, "has_chat_template", None)  # mlx-lm's TokenizerWrapper
     if template is None:  # a transformers tokenizer
         template = getattr(tokenizer, "chat_template", None) is not None
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                         add_generation_prompt=True) if template else user_text
-    bos = getattr(tokenizer, "bos_token", None)
+    if not template:
+        return _encode(tokenizer, user_text)
+    return conversation_tokens(tokenizer, [{"role": "user", "content": user_text}])
+
+
+def conversation_tokens(tokenizer, messages):
+    """A conversation's prompt tokens in the chat template, ready for the assistant's turn."""
+    return _encode(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def _encode(tokenizer, text):
+    bos = getattr(tokenizer, "bos_token", None)  # a template that writes it: not twice
     return list(tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
 
 
@@ -330,11 +339,9 @@ FOLLOW_UP = "Another question about the same document: {question} Answer with th
 def follow_up_tokens(tokenizer, first_user_text, reply, question):
     """The prompt of a second chat turn: the first question, the model's reply, and a
     follow-up question about the same document (what a chat app sends)."""
-    messages = [{"role": "user", "content": first_user_text}, {"role": "assistant", "content": reply},
-                {"role": "user", "content": FOLLOW_UP.format(question=question)}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    bos = getattr(tokenizer, "bos_token", None)
-    return list(tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
+    return conversation_tokens(tokenizer, [{"role": "user", "content": first_user_text},
+                                           {"role": "assistant", "content": reply},
+                                           {"role": "user", "content": FOLLOW_UP.format(question=question)}])
 
 
 # -- GSM8K ---------------------------------------------------------------------------------
