@@ -41,6 +41,11 @@ def _check_int(name, value, low):
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     budget: int = 2048  # tokens each KV head keeps after a prune round
@@ -102,25 +107,20 @@ class Settings:
                 f"budget ({self.budget}) must be larger than window ({self.window}) + sinks "
                 f"({self.sinks}): those tokens are always kept and count in the budget"
             )
-        if self.pruning_mode not in PRUNING_MODES:
-            raise ValueError(f"pruning_mode must be one of {PRUNING_MODES}, got {self.pruning_mode!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        _check_choice("pruning_mode", self.pruning_mode, PRUNING_MODES)
+        _check_choice("method", self.method, METHODS)
         if self.kv_bits is not None and self.kv_bits not in KV_BITS:
             raise ValueError(f"kv bits must be one of {', '.join(map(str, KV_BITS))}, got {self.kv_bits!r}")
-        if self.prompt_mode not in PROMPT_MODES:
-            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+        _check_choice("prompt_mode", self.prompt_mode, PROMPT_MODES)
         if self.prefill_limit is not None:
             _check_int("prefill_limit", self.prefill_limit, self.budget + self.divide_length)
         _check_int("observe", self.observe, 0)
         _check_int("observe_pool", self.observe_pool, 1)
-        if self.observe_rounds not in OBSERVE_ROUNDS:
-            raise ValueError(f"observe_rounds must be one of {OBSERVE_ROUNDS}, got {self.observe_rounds!r}")
+        _check_choice("observe_rounds", self.observe_rounds, OBSERVE_ROUNDS)
         if self.observe_pool % 2 == 0:
             raise ValueError(f"observe_pool must be odd (a window centred on each token), got {self.observe_pool}")
         _check_int("segments", self.segments, 0)
-        if self.segment_rounds not in OBSERVE_ROUNDS:
-            raise ValueError(f"segment_rounds must be one of {OBSERVE_ROUNDS}, got {self.segment_rounds!r}")
+        _check_choice("segment_rounds", self.segment_rounds, OBSERVE_ROUNDS)
         if not isinstance(self.segment_share, (int, float)) or not 0 <= self.segment_share <= 1:
             raise ValueError(f"segment_share must be a number from 0 to 1, got {self.segment_share!r}")
         if not isinstance(self.observe_weight, (int, float)) or self.observe_weight < 0:
