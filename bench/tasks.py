@@ -131,19 +131,20 @@ METHODS = {  # key -> label, in the order runs and figures show them
     "snapkv-coverage": "SnapKV (per_head, 8 segments' quotas)",
     "rotating": "mlx-lm RotatingKVCache",
 }
+COVERAGE = dict(segments=8, segment_share=0.5)  # the "-coverage" rows
 BASELINES = {  # key -> its settings beside the budget
     **{name: dict(method=name, pruning_mode="per_head") for name in ("streamingllm", "snapkv", "h2o", "rkv")},
     "snapkv-lh": dict(method="snapkv", pruning_mode="per_layer_per_head"),
     "rkv-lh": dict(method="rkv", pruning_mode="per_layer_per_head"),
     "h2o-lh": dict(method="h2o", pruning_mode="per_layer_per_head"),
-    "snapkv-coverage": dict(method="snapkv", pruning_mode="per_head", segments=8, segment_share=0.5),
+    "snapkv-coverage": dict(method="snapkv", pruning_mode="per_head", **COVERAGE),
 }
 TRIATTENTION = {  # key -> its settings beside the budget
     "triattention-auto": dict(pruning_mode="auto"),
     "triattention": dict(pruning_mode="per_head"),
     "triattention-lh": dict(pruning_mode="per_layer_per_head"),
     "triattention-keep": dict(pruning_mode="per_head", prompt_mode="keep"),
-    "triattention-coverage": dict(pruning_mode="per_head", segments=8, segment_share=0.5),
+    "triattention-coverage": dict(pruning_mode="per_head", **COVERAGE),
     "triattention-pooled": dict(pruning_mode="per_head", observe_pool=11),
     "triattention-all": dict(pruning_mode="per_head", observe_rounds="all"),
 }
@@ -271,12 +272,12 @@ def generate(model, tokenizer, prompt, caches, max_tokens, prefill_step_size, st
                 tokens_kept=report["tokens_kept"], tokens=tokens)
 
 
-def follow_up(model, tokenizer, item, caches, prompt, first, max_tokens, prefill_step_size, stop=None):
+def follow_up(model, tokenizer, item, caches, first, max_tokens, prefill_step_size, stop=None):
     """A second chat turn through the same caches, carried on as mlx-lm's server carries a
     conversation's cache: the first turn's prompt and reply are cached, the follow-up
     prompt repeats them (the chat template may spell the reply's end differently: those
     newest tokens are trimmed back) and only what is new is read."""
-    history = list(prompt) + first["tokens"]
+    history = list(item["prompt"]) + first["tokens"]
     turn = tasks.follow_up_tokens(tokenizer, item["_user_text"], first["output"], item["question"])
     same = next((i for i, (a, b) in enumerate(zip(history, turn)) if a != b), min(len(history), len(turn)))
     back = len(history) - same
@@ -331,9 +332,7 @@ def niah_items(tokenizer, sizes, seed=0):
                                          others=[(depth, needle)])
                     item.update(first_depth=first_depth, first_kind=first_kind, first_answer=first.answer,
                                 _first=first, _user_text=tasks.niah_user_text(hay.document, first.question))
-                    # where the scored needle starts, as a share of the document's tokens
-                    at = hay.document.index(needle.sentence)
-                    needle_depth = len(tokenizer.encode(hay.document[:at], add_special_tokens=False)) / hay.document_tokens
+                    needle_depth = hay.other_depths[0]
                 else:
                     hay = tasks.haystack(tokenizer, context, depth, needle, start=seed + index)
                     needle_depth = hay.needle_depth
@@ -482,8 +481,8 @@ def run_task(task, model, tokenizer, stats, sizes, methods, prefill_step_size=20
                 prompt = prompt[-TAIL:]
             if "_first" in item:  # a follow-up: the first turn runs to its end, as in a chat
                 first = generate(model, tokenizer, prompt, caches, sizes["max_tokens"], prefill_step_size)
-                run = follow_up(model, tokenizer, item, caches, item["prompt"], first, sizes["max_tokens"],
-                                prefill_step_size, lambda text, item=item: stop(item, text))
+                run = follow_up(model, tokenizer, item, caches, first, sizes["max_tokens"], prefill_step_size,
+                                lambda text, item=item: stop(item, text))
                 run.update(first_output=first["output"],
                            first_correct=tasks.score_needle(item["_first"], first["output"])["correct"],
                            seconds=round(first["seconds"] + run["seconds"], 3),

@@ -229,7 +229,8 @@ def niah_user_text(document, question):
 class Haystack:
     """A needle prompt: `tokens` (exactly `context` of them, chat template included) is
     what the model reads; `needle_depth` is where the needle starts, as a share of the
-    document's tokens (the requested `depth` moved to the nearest sentence boundary)."""
+    document's tokens (the requested `depth` moved to the nearest sentence boundary);
+    `other_depths`, the same for the needles not asked about, in the order given."""
     tokens: list
     needle: Needle
     context: int
@@ -237,6 +238,7 @@ class Haystack:
     needle_depth: float
     document_tokens: int
     document: str
+    other_depths: tuple = ()
 
 
 @lru_cache(maxsize=8)
@@ -270,13 +272,11 @@ def _plant(document, needle, at):
 
 def _plant_all(document, placed):
     """`document` with every (character position, needle) of `placed` planted, and where
-    each needle's sentence starts (in the order given)."""
-    text, starts = document, [None] * len(placed)
-    for i in sorted(range(len(placed)), key=lambda i: -placed[i][0]):  # the last first: earlier positions hold
-        at, needle = placed[i]
-        text, starts[i] = _plant(text, needle, at)
-        starts = [s if s is None or j == i else s + len(needle.sentence) + 1 for j, s in enumerate(starts)]
-    return text, starts
+    each needle's sentence starts (in the order given; each sentence is in it once)."""
+    text = document
+    for at, needle in sorted(placed, key=lambda p: -p[0]):  # the last first: earlier positions hold
+        text = _plant(text, needle, at)[0]
+    return text, [text.index(needle.sentence) for _, needle in placed]
 
 
 def haystack(tokenizer, context, depth, needle, start=0, others=()):
@@ -310,7 +310,7 @@ def haystack(tokenizer, context, depth, needle, start=0, others=()):
                 target = len(tokenizer.decode(doc_ids[: round(d * len(doc_ids))]))
             placed.append((min(boundaries, key=lambda b: abs(b - target)), n))
         planted, starts = _plant_all(document, placed)
-        return planted, starts[0], chat_tokens(tokenizer, niah_user_text(planted, needle.question))
+        return planted, starts, chat_tokens(tokenizer, niah_user_text(planted, needle.question))
 
     # Token counts are not additive across joins: walk the essay length to the exact total
     # (the walk stops where it arrives, or where it goes round in a loop: the count can
@@ -327,10 +327,11 @@ def haystack(tokenizer, context, depth, needle, start=0, others=()):
             break
     if document is None:
         raise RuntimeError(f"could not fit a haystack to exactly {context} tokens")
-    planted, needle_at, tokens = build(document)
+    planted, starts, tokens = build(document)
     doc_tokens = len(tokenizer.encode(planted, add_special_tokens=False))
-    before = len(tokenizer.encode(planted[:needle_at], add_special_tokens=False)) if needle_at else 0
-    return Haystack(tokens, needle, context, depth, before / doc_tokens, doc_tokens, planted)
+    shares = [len(tokenizer.encode(planted[:at], add_special_tokens=False)) / doc_tokens if at else 0.0
+              for at in starts]
+    return Haystack(tokens, needle, context, depth, shares[0], doc_tokens, planted, tuple(shares[1:]))
 
 
 FOLLOW_UP = "Another question about the same document: {question} Answer with the exact value only."

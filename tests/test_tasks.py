@@ -66,6 +66,7 @@ def test_haystack_plants_other_needles_not_asked_about(tokenizer):
         at = hay.document.index(other.sentence)
         other_at = len(tokenizer.encode(hay.document[:at], add_special_tokens=False)) / hay.document_tokens
         assert abs(other_at - other_depth) < 0.03, (other_depth, other_at)
+        assert hay.other_depths == (other_at,)
     alone = tasks.haystack(tokenizer, 1024, 0.7, asked, start=2)
     assert alone.tokens == tasks.haystack(tokenizer, 1024, 0.7, asked, start=2, others=()).tokens
 
