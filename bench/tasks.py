@@ -30,6 +30,9 @@ the prompt cache method_caches() builds, so the figures are what users get:
   triattention-all
                   TriAttention with observe_rounds "all": the newest 32 queries vote in
                   every round (while the model writes too), not only the prompt's last
+  triattention-redundancy
+                  TriAttention (auto) with observe_redundancy 1: the prompt round's score
+                  less R-KV's redundancy, z-scored
   streamingllm, snapkv, h2o, rkv
                   the baselines, through triattn_mlx.make_prompt_cache(method=...), in
                   the same cache with the same settings as TriAttention (per_head pruning,
@@ -121,6 +124,7 @@ METHODS = {  # key -> label, in the order runs and figures show them
     "triattention-coverage": "TriAttention (per_head, 8 segments' quotas)",
     "triattention-pooled": "TriAttention (per_head, observe_pool 11)",
     "triattention-all": "TriAttention (per_head, the newest queries vote in every round)",
+    "triattention-redundancy": "TriAttention (auto, observe_redundancy 1)",
     "streamingllm": "StreamingLLM",
     "snapkv": "SnapKV",
     "h2o": "H2O",
@@ -147,6 +151,7 @@ TRIATTENTION = {  # key -> its settings beside the budget
     "triattention-coverage": dict(pruning_mode="per_head", **COVERAGE),
     "triattention-pooled": dict(pruning_mode="per_head", observe_pool=11),
     "triattention-all": dict(pruning_mode="per_head", observe_rounds="all"),
+    "triattention-redundancy": dict(pruning_mode="auto", observe_redundancy=1.0),
 }
 DEFAULT_WINDOW = 128  # triattn_mlx.make_prompt_cache's recent window
 

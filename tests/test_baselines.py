@@ -8,7 +8,7 @@ import pytest
 
 from mlx_lm.models.cache import save_prompt_cache
 
-from triattn_mlx import calibrate, load_prompt_cache, make_prompt_cache, remove_taps
+from triattn_mlx import baselines, calibrate, load_prompt_cache, make_prompt_cache, remove_taps
 from triattn_mlx.baselines import H2OScorer, RKVScorer, SnapKVScorer, attention_probs, key_norm_scores
 from triattn_mlx.taps import RecentQueries, RopeTap, install
 
@@ -28,6 +28,18 @@ def numpy_probs(q, k, q_pos, k_pos):
         logits[k_pos[kv][None, :] > q_pos[:, None]] = -np.inf
         out[h] = softmax(logits)
     return out
+
+
+def numpy_redundancy(k, threshold=0.5):
+    """R-KV's redundancy, as its paper defines it: keys [H_kv, N, D] -> [H_kv, N]."""
+    kn = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    sim = kn @ kn.transpose(0, 2, 1)
+    for h in range(len(k)):
+        np.fill_diagonal(sim[h], 0)
+        for i in range(sim.shape[-1]):
+            similar = np.nonzero(sim[h, i] > threshold)[0]
+            sim[h, i, similar.max() if len(similar) else 0] = 0  # the newest similar key is not counted
+    return softmax(sim.mean(1))
 
 
 def case(seed=0, H=4, n_kv=2, M=40, N=90, D=16):
@@ -67,17 +79,20 @@ def test_snapkv_and_rkv_match_numpy():
     got = SnapKVScorer(observe=window, kernel=kernel)(mx.array(k), mx.array(k_pos), offset, queries=newest)
     np.testing.assert_allclose(np.array(got)[0], pooled, atol=1e-6)
 
-    kn = k[0] / np.linalg.norm(k[0], axis=-1, keepdims=True)
-    sim = kn @ kn.transpose(0, 2, 1)
-    N = sim.shape[-1]
-    for h in range(2):
-        np.fill_diagonal(sim[h], 0)
-        for i in range(N):
-            similar = np.nonzero(sim[h, i] > 0.5)[0]
-            sim[h, i, similar.max() if len(similar) else 0] = 0
-    redundancy = np.repeat(softmax(sim.mean(1)), 2, axis=0)  # per KV head, for each query head of its group
+    redundancy = np.repeat(numpy_redundancy(k[0]), 2, axis=0)  # per KV head, for each query head of its group
     got = RKVScorer(observe=window, kernel=kernel, mix=0.1)(mx.array(k), mx.array(k_pos), offset, queries=newest)
     np.testing.assert_allclose(np.array(got)[0], 0.1 * pooled - 0.9 * redundancy, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [2**24, 90 * 2 * 7, 1])  # one block; 7 rows a block (the last short); 1 row
+def test_redundancy_in_blocks_matches_numpy(monkeypatch, block):
+    """The similarities are taken a block of rows at a time (a long prompt's round must not
+    hold N x N of them): the result is R-KV's redundancy whatever the block."""
+    _, k, _, _ = case(3)
+    k[0, 1, 40:60] = k[0, 1, 20] + 0.01 * k[0, 1, 40:60]  # a run of near-copies: the newest-similar rule acts
+    monkeypatch.setattr(baselines, "REDUNDANCY_BLOCK", block)
+    got = np.array(baselines.redundancy(mx.array(k), 0.5))[0]
+    np.testing.assert_allclose(got, numpy_redundancy(k[0]), rtol=1e-5, atol=1e-7)
 
 
 def test_h2o_accumulates_attention_by_position():

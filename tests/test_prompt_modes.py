@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import tiny_llama
+from test_baselines import numpy_redundancy
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache
 
@@ -83,6 +84,8 @@ def test_keep_never_evicts_the_prompt(model_and_stats):
     (dict(prefill_limit=70), "prefill_limit must be an integer >= 80"),
     (dict(observe=-1), "observe must be an integer >= 0"),
     (dict(observe_weight=-0.5), "observe_weight must be a number >= 0"),
+    (dict(observe_redundancy=-1.0), "observe_redundancy must be a number >= 0"),
+    (dict(observe_redundancy=True), "observe_redundancy must be a number >= 0"),
     (dict(observe_pool=0), "observe_pool must be an integer >= 1"),
     (dict(observe_pool=4), "observe_pool must be odd"),
     (dict(observe_rounds="decode"), "observe_rounds must be one of"),
@@ -152,6 +155,62 @@ def test_observe_pool_max_pools_the_prompt_end_s_sum():
     assert not np.allclose(pooled, plain)
     later = QueryAwareScorer(method, 2.0, pool=5)(keys, positions, offset + 5)
     np.testing.assert_array_equal(np.array(later), np.array(raw))
+
+
+def numpy_z(x):
+    return (x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-6)
+
+
+def test_observe_redundancy_takes_r_kv_redundancy_off_the_prompt_end_s_score():
+    """observe_redundancy: z(method) + weight * z(observation) - r * z(redundancy), each
+    query head taking its KV head's redundancy (a numpy reference); 0 leaves the sum as it
+    is; later rounds read the method alone."""
+    rng = np.random.default_rng(12)
+    H, n_kv, N, D, offset = 4, 2, 60, 16, 300
+    keys = rng.normal(size=(1, n_kv, N, D)).astype(np.float32)
+    keys[0, 0, 10:30] = keys[0, 0, 5] + 0.05 * keys[0, 0, 10:30]  # running prose: keys alike
+    positions = mx.array(np.tile(np.arange(offset - N, offset), (n_kv, 1))[None])
+    queries = mx.array(rng.normal(size=(1, H, 8, D)).astype(np.float32))
+    raw = rng.normal(size=(1, H, N)).astype(np.float32)
+
+    def method(keys, positions, offset):
+        return mx.array(raw)
+
+    plain = np.array(QueryAwareScorer(method, 2.0)(mx.array(keys), positions, offset, queries=queries))
+    got = np.array(QueryAwareScorer(method, 2.0, redundancy=1.5)(mx.array(keys), positions, offset, queries=queries))
+    obs = np.array(observation_scores(queries, mx.array(keys), positions, offset))
+    np.testing.assert_allclose(plain, numpy_z(raw) + 2.0 * numpy_z(obs), rtol=1e-4, atol=1e-4)
+    alike = np.repeat(numpy_z(numpy_redundancy(keys[0])), H // n_kv, axis=0)[None]
+    np.testing.assert_allclose(got, plain - 1.5 * alike, rtol=1e-4, atol=1e-4)
+    assert got[0, :2, 10:30].mean() < plain[0, :2, 10:30].mean()  # the alike keys lost ground
+    later = QueryAwareScorer(method, 2.0, redundancy=1.5)(mx.array(keys), positions, offset + 5)
+    np.testing.assert_array_equal(np.array(later), raw)
+
+
+def test_observe_redundancy_reaches_the_prompt_s_selection_and_a_saved_cache(model_and_stats, tmp_path):
+    """--observe-redundancy is wired through make_prompt_cache (it changes what a prompt
+    keeps) and a saved cache loads with it."""
+    from mlx_lm.models.cache import save_prompt_cache
+
+    from triattn_mlx import load_prompt_cache
+
+    model, stats = model_and_stats
+    tokens = np.random.default_rng(13).integers(0, 128, 240).tolist()
+    kept = []
+    try:
+        for weight in (0.0, 3.0):
+            cache = make_prompt_cache(model, stats=stats, prompt_mode="whole", observe=8,
+                                      observe_redundancy=weight, **OPTIONS)
+            assert cache[0].scorer.redundancy == weight
+            read(model, cache, tokens, 60)
+            kept.append(np.array(cache[0].token_positions()))
+            remove_taps(model)
+        save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+        loaded = load_prompt_cache(str(tmp_path / "c.safetensors"), model=model)
+        assert loaded[0].settings.observe_redundancy == 3.0 and loaded[0].scorer.redundancy == 3.0
+    finally:
+        remove_taps(model)
+    assert kept[0].shape == kept[1].shape and not np.array_equal(kept[0], kept[1])
 
 
 def test_observe_pool_reaches_the_prompt_s_selection(model_and_stats):

@@ -17,6 +17,9 @@ import numpy as np
 
 from .selection import zscore
 
+RKV_THRESHOLD = 0.5  # R-KV: a key this similar (cosine) to a newer one is not counted against it
+REDUNDANCY_BLOCK = 2**24  # similarities computed at once (64 MiB of float32), whatever the prompt's length
+
 
 def random_scores(keys, positions, offset):
     """Random eviction: the floor any method must clear. Seeded by the offset, so a rerun
@@ -142,12 +145,15 @@ def observation_scores(queries, keys, positions, offset, kernel=7):
 class QueryAwareScorer:
     """A prompt's last queries vote beside a method's score: in the round that ends a
     prompt, the cache passes its observation window (`queries`: the prompt's last real
-    queries, [B, H, M, D]) and the score is z(method) + weight * z(observation), per query
-    head, max-pooled along the sequence over `pool` tokens; in every other round, the
-    method's score alone. With rounds "all" the newest queries vote in every round."""
+    queries, [B, H, M, D]) and the score is z(method) + weight * z(observation)
+    - redundancy * z(R-KV's redundancy), per query head, max-pooled along the sequence over
+    `pool` tokens; in every other round, the method's score alone. With rounds "all" the
+    newest queries vote in every round. The redundancy term (0: off) gives way, among keys
+    the question does not point at, to those unlike the rest (a second fact in a document)
+    over those like many others (its running prose)."""
 
-    def __init__(self, scorer, weight=1.0, pool=1, rounds="prompt"):
-        self.scorer, self.weight, self.pool = scorer, weight, pool
+    def __init__(self, scorer, weight=1.0, pool=1, rounds="prompt", redundancy=0.0):
+        self.scorer, self.weight, self.pool, self.redundancy = scorer, weight, pool, redundancy
         self.observes = "always" if rounds == "all" else "prompt"
         self.reads_quantized = getattr(scorer, "reads_quantized", False)
 
@@ -157,8 +163,11 @@ class QueryAwareScorer:
             return raw
         if hasattr(keys, "dequantize"):  # quantized storage: attention reads the values it stands for
             keys = keys.dequantize()
-        return pool1d(zscore(raw) + self.weight * zscore(observation_scores(queries, keys, positions, offset)),
-                      self.pool, "max")
+        total = zscore(raw) + self.weight * zscore(observation_scores(queries, keys, positions, offset))
+        if self.redundancy:
+            alike = zscore(redundancy(keys, RKV_THRESHOLD))  # per KV head, for each query head of its group
+            total = total - self.redundancy * mx.repeat(alike, total.shape[1] // alike.shape[1], axis=1)
+        return pool1d(total, self.pool, "max")
 
     def __deepcopy__(self, memo):
         return self  # the method's scorer: nothing of a sequence's own
@@ -171,7 +180,7 @@ class RKVScorer(SnapKVScorer):
 
     OPTIONS = SnapKVScorer.OPTIONS + (("mix", float), ("threshold", float))
 
-    def __init__(self, observe=8, kernel=7, mix=0.1, threshold=0.5):
+    def __init__(self, observe=8, kernel=7, mix=0.1, threshold=RKV_THRESHOLD):
         super().__init__(observe, kernel)
         self.mix, self.threshold = mix, threshold
 
@@ -182,13 +191,20 @@ class RKVScorer(SnapKVScorer):
 
 
 def redundancy(keys, threshold):
-    # keys: [B, H_kv, N, D] -> [B, H_kv, N]: R-KV's redundancy of each key
+    """R-KV's redundancy of each key: keys [B, H_kv, N, D] -> [B, H_kv, N], the softmax over
+    the keys of each one's mean cosine similarity to the others (for each key, the newest
+    key more similar to it than `threshold` is not counted against that one). The N x N
+    similarities are taken a block of rows at a time (REDUNDANCY_BLOCK), so a long prompt's
+    round never holds them all."""
     k = keys.astype(mx.float32)
     k = k / (mx.linalg.norm(k, axis=-1, keepdims=True) + 1e-8)
-    sim = k @ k.swapaxes(-1, -2)  # [B, H_kv, N, N]
-    N = sim.shape[-1]
-    sim = mx.where(mx.eye(N, dtype=mx.bool_), 0.0, sim)
+    B, H, N, _ = k.shape
+    rows = max(1, REDUNDANCY_BLOCK // (B * H * N))
     idx = mx.arange(N)
-    newest_similar = mx.where(sim > threshold, idx, 0).max(axis=-1, keepdims=True)
-    sim = mx.where(idx == newest_similar, 0.0, sim)
-    return mx.softmax(sim.mean(axis=-2), axis=-1)
+    total = mx.zeros((B, H, N), mx.float32)
+    for start in range(0, N, rows):
+        sim = k[:, :, start : start + rows] @ k.swapaxes(-1, -2)  # [B, H_kv, rows, N]
+        sim = mx.where(idx[start : start + rows, None] == idx, 0.0, sim)  # not itself
+        newest_similar = mx.where(sim > threshold, idx, 0).max(axis=-1, keepdims=True)
+        total = total + mx.where(idx == newest_similar, 0.0, sim).sum(axis=-2)
+    return mx.softmax(total / N, axis=-1)

@@ -45,7 +45,8 @@ def layer_scorers(model, settings, stats, infos, shard):
 
 def query_aware(scorer, settings):
     """The scorer with the prompt's last queries voting beside it, as `settings` say."""
-    return QueryAwareScorer(scorer, settings.observe_weight, settings.observe_pool, settings.observe_rounds)
+    return QueryAwareScorer(scorer, settings.observe_weight, settings.observe_pool, settings.observe_rounds,
+                            settings.observe_redundancy)
 
 
 def prompt_votes(settings):

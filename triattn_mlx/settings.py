@@ -67,6 +67,10 @@ class Settings:
     # 256 kept a 7-digit number whose tail the unpooled sum lost (Qwen2.5-Coder-0.5B)
     observe_pool: int = 11
     observe_rounds: str = "prompt"  # OBSERVE_ROUNDS
+    # weight of R-KV's redundancy (z-scored), taken off that sum where the queries vote, so that
+    # keys unlike the rest (a fact the question does not ask about) win over running prose
+    # (0: off). docs/RESULTS.md 0.9 has the measurements behind the default
+    observe_redundancy: float = 0.0
     # coverage: the positions that may be evicted cut into `segments` equal stretches, each
     # keeping its best tokens up to segment_share x its equal part of the budget (0: off), in
     # the rounds segment_rounds names (OBSERVE_ROUNDS: "prompt", only the round that ends a
@@ -123,8 +127,10 @@ class Settings:
         _check_choice("segment_rounds", self.segment_rounds, OBSERVE_ROUNDS)
         if not isinstance(self.segment_share, (int, float)) or not 0 <= self.segment_share <= 1:
             raise ValueError(f"segment_share must be a number from 0 to 1, got {self.segment_share!r}")
-        if not isinstance(self.observe_weight, (int, float)) or self.observe_weight < 0:
-            raise ValueError(f"observe_weight must be a number >= 0, got {self.observe_weight!r}")
+        for name in ("observe_weight", "observe_redundancy"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if self.kv_group_size not in KV_GROUP_SIZES:
             raise ValueError(f"kv group size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, "
                              f"got {self.kv_group_size!r}")
@@ -195,6 +201,9 @@ def add_arguments(parser, stats_fallback):
     group.add_argument("--observe-pool", type=int, default=defaults.observe_pool,
                        help="max-pool their combined score over this many neighbouring tokens, odd "
                             f"(default: {defaults.observe_pool}; 1: off)")
+    group.add_argument("--observe-redundancy", type=float, default=defaults.observe_redundancy,
+                       help="where the queries vote, take this weight of R-KV's redundancy off the score, so "
+                            f"that keys unlike the rest are kept (default: {defaults.observe_redundancy:g}; 0: off)")
     group.add_argument("--observe-rounds", choices=OBSERVE_ROUNDS, default=defaults.observe_rounds,
                        help="prompt (default): the prompt's last queries vote in the round that ends it; "
                             "all: the newest queries vote in every round, while generating too")
@@ -219,5 +228,5 @@ def from_args(args):
                     kv_bits=getattr(args, "kv_bits", None), kv_group_size=getattr(args, "kv_group_size", 64),
                     prompt_mode=args.prompt_mode, prefill_limit=args.prefill_limit, observe=args.observe,
                     observe_weight=args.observe_weight, observe_pool=args.observe_pool,
-                    observe_rounds=args.observe_rounds, segments=args.segments,
+                    observe_rounds=args.observe_rounds, observe_redundancy=args.observe_redundancy, segments=args.segments,
                     segment_share=args.segment_share, segment_rounds=args.segment_rounds)
