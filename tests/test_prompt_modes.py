@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import tiny_llama
-from test_baselines import numpy_redundancy
+from test_baselines import softmax
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache
 
@@ -157,14 +157,23 @@ def test_observe_pool_max_pools_the_prompt_end_s_sum():
     np.testing.assert_array_equal(np.array(later), np.array(raw))
 
 
+def numpy_mean_similarity(k):
+    """keys [H_kv, N, D] -> [H_kv, N]: each key's mean cosine similarity to the others, softmaxed."""
+    unit = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    sim = unit @ unit.transpose(0, 2, 1)
+    for h in range(len(k)):
+        np.fill_diagonal(sim[h], 0)
+    return softmax(sim.sum(1) / k.shape[1])
+
+
 def numpy_z(x):
     return (x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-6)
 
 
 def test_observe_redundancy_takes_r_kv_redundancy_off_the_prompt_end_s_score():
-    """observe_redundancy: z(method) + weight * z(observation) - r * z(redundancy), each
-    query head taking its KV head's redundancy (a numpy reference); 0 leaves the sum as it
-    is; later rounds read the method alone."""
+    """observe_redundancy: z(method) + weight * z(observation) - r * z(mean similarity of
+    each key to the others), each query head taking its KV head's (a numpy reference); 0
+    leaves the sum as it is; later rounds read the method alone."""
     rng = np.random.default_rng(12)
     H, n_kv, N, D, offset = 4, 2, 60, 16, 300
     keys = rng.normal(size=(1, n_kv, N, D)).astype(np.float32)
@@ -180,7 +189,7 @@ def test_observe_redundancy_takes_r_kv_redundancy_off_the_prompt_end_s_score():
     got = np.array(QueryAwareScorer(method, 2.0, redundancy=1.5)(mx.array(keys), positions, offset, queries=queries))
     obs = np.array(observation_scores(queries, mx.array(keys), positions, offset))
     np.testing.assert_allclose(plain, numpy_z(raw) + 2.0 * numpy_z(obs), rtol=1e-4, atol=1e-4)
-    alike = np.repeat(numpy_z(numpy_redundancy(keys[0])), H // n_kv, axis=0)[None]
+    alike = np.repeat(numpy_z(numpy_mean_similarity(keys[0])), H // n_kv, axis=0)[None]
     np.testing.assert_allclose(got, plain - 1.5 * alike, rtol=1e-4, atol=1e-4)
     assert got[0, :2, 10:30].mean() < plain[0, :2, 10:30].mean()  # the alike keys lost ground
     later = QueryAwareScorer(method, 2.0, redundancy=1.5)(mx.array(keys), positions, offset + 5)

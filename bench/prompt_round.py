@@ -1,0 +1,77 @@
+"""What the round that selects a prompt costs, with and without observe_redundancy (GPU):
+
+    python -m bench.prompt_round [--lengths 8192 16384 32768] [--repeats 3] [--output DIR]
+
+The Qwen3-8B-shaped 4-bit model (bench.kernels; its KV cache bfloat16, 36 layers x 8 KV
+heads x 128), TriAttention's defaults at budget N / 4, so that an N-token prompt is held
+whole (prefill_limit 4 x budget) and selected once, when it ends. That round runs at the
+call after the prompt's last token (it is deferred off the path to the first token), so
+it is timed as the first decode step, next to a plain decode step after it; the time to
+first token and the peak memory (from the prompt's start to that step) too. Rows: observe_redundancy 0 (the default before 0.9) and 1 (R-KV's
+redundancy over the N held keys of every KV head: N x N similarities, in blocks). Median of
+--repeats runs, the two settings in turns. Writes prompt-round.json.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from bench.common import RESULTS, write_json
+from bench.kernels import qwen3_8b_4bit
+from bench.speed import prompt_tokens, time_to_first_token
+from triattn_mlx import make_prompt_cache
+
+STATS = "stats/qwen3-8b.safetensors"
+
+
+def synced_step(model, cache, y):
+    """One decode step, synchronized: (the next token, seconds)."""
+    mx.synchronize()
+    start = time.perf_counter()
+    y = model(y, cache=cache)[:, -1:].argmax(-1)
+    mx.eval(y)
+    return y, time.perf_counter() - start
+
+
+def one_run(model, N, redundancy, prefill_step):
+    cache = make_prompt_cache(model, N // 4, stats=STATS, observe_redundancy=redundancy)
+    mx.reset_peak_memory()
+    y, ttft = time_to_first_token(model, cache, prompt_tokens(N), prefill_step)
+    y, first = synced_step(model, cache, y)  # the prompt's round runs here
+    peak = mx.get_peak_memory() / 2**30
+    assert cache[0].prune_rounds == 1 and cache[0].size() == N // 4 + 1, "the prompt was not selected once"
+    _, plain = synced_step(model, cache, y)
+    return dict(ttft_s=ttft, first_step_s=first, plain_step_s=plain, round_s=first - plain, peak_gib=peak)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefill-step", type=int, default=2048)
+    parser.add_argument("--output", default=str(RESULTS / "h100"))
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    model = qwen3_8b_4bit()
+    one_run(model, 4096, 1.0, args.prefill_step)  # warm-up: kernels compiled
+    rows = []
+    for N in args.lengths:
+        runs = {0.0: [], 1.0: []}
+        for r in range(args.repeats):
+            for w in ([0.0, 1.0] if r % 2 == 0 else [1.0, 0.0]):
+                runs[w].append(one_run(model, N, w, args.prefill_step))
+        for w, done in runs.items():
+            row = dict(prompt=N, budget=N // 4, observe_redundancy=w,
+                       **{k: float(np.median([d[k] for d in done])) for k in done[0]}, runs=done)
+            rows.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "runs"}, flush=True)
+    write_json("prompt-round", dict(device=str(mx.default_device()), model="Qwen3-8B-shaped, 4-bit, random weights",
+                          command="python -m bench.prompt_round " + " ".join(argv), rows=rows), Path(args.output))
+
+
+if __name__ == "__main__":
+    main()
