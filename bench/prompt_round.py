@@ -1,6 +1,6 @@
 """What the round that selects a prompt costs, with and without observe_redundancy (GPU):
 
-    python -m bench.prompt_round [--lengths 8192 16384 32768] [--repeats 3] [--output DIR]
+    python -m bench.prompt_round [--quick] [--lengths 8192 16384 32768] [--repeats 3] [--output DIR]
 
 The Qwen3-8B-shaped 4-bit model (bench.kernels; its KV cache bfloat16, 36 layers x 8 KV
 heads x 128), TriAttention's defaults at budget N / 4, so that an N-token prompt is held
@@ -9,7 +9,9 @@ call after the prompt's last token (it is deferred off the path to the first tok
 it is timed as the first decode step, next to a plain decode step after it; the time to
 first token and the peak memory (from the prompt's start to that step) too. Rows: observe_redundancy 0 (the default before 0.9) and 1 (R-KV's
 redundancy over the N held keys of every KV head: N x N similarities, in blocks). Median of
---repeats runs, the two settings in turns. Writes prompt-round.json.
+--repeats runs, the two settings in turns. Writes prompt-round.json (GPU: results/h100/;
+--quick, CPU: the real test model, SmolLM2-135M float32 with its calibrated stats, at 4096
+and 8064 tokens: results/cpu/).
 """
 
 import argparse
@@ -22,11 +24,8 @@ import numpy as np
 
 from bench.common import RESULTS, write_json
 from bench.kernels import qwen3_8b_4bit
-from bench.speed import prompt_tokens, time_to_first_token
+from bench.speed import prompt_tokens, test_model, time_to_first_token
 from triattn_mlx import make_prompt_cache
-
-STATS = "stats/qwen3-8b.safetensors"
-
 
 def synced_step(model, cache, y):
     """One decode step, synchronized: (the next token, seconds)."""
@@ -37,8 +36,8 @@ def synced_step(model, cache, y):
     return y, time.perf_counter() - start
 
 
-def one_run(model, N, redundancy, prefill_step):
-    cache = make_prompt_cache(model, N // 4, stats=STATS, observe_redundancy=redundancy)
+def one_run(model, stats, N, redundancy, prefill_step):
+    cache = make_prompt_cache(model, N // 4, stats=stats, observe_redundancy=redundancy)
     mx.reset_peak_memory()
     y, ttft = time_to_first_token(model, cache, prompt_tokens(N), prefill_step)
     y, first = synced_step(model, cache, y)  # the prompt's round runs here
@@ -50,27 +49,33 @@ def one_run(model, N, redundancy, prefill_step):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
+    parser.add_argument("--quick", action="store_true", help="CPU, the real test model at 4k and 8k tokens")
+    parser.add_argument("--lengths", type=int, nargs="+")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prefill-step", type=int, default=2048)
-    parser.add_argument("--output", default=str(RESULTS / "h100"))
+    parser.add_argument("--output")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    model = qwen3_8b_4bit()
-    one_run(model, 4096, 1.0, args.prefill_step)  # warm-up: kernels compiled
+    if args.quick:
+        (model, stats), name = test_model(), "SmolLM2-135M, float32"
+        lengths, output = args.lengths or [4096, 8064], args.output or RESULTS / "cpu"
+    else:
+        model, stats, name = qwen3_8b_4bit(), "stats/qwen3-8b.safetensors", "Qwen3-8B-shaped, 4-bit, random weights"
+        lengths, output = args.lengths or [8192, 16384, 32768], args.output or RESULTS / "h100"
+    one_run(model, stats, 2048, 1.0, args.prefill_step)  # warm-up: kernels compiled
     rows = []
-    for N in args.lengths:
+    for N in lengths:
         runs = {0.0: [], 1.0: []}
         for r in range(args.repeats):
             for w in ([0.0, 1.0] if r % 2 == 0 else [1.0, 0.0]):
-                runs[w].append(one_run(model, N, w, args.prefill_step))
+                runs[w].append(one_run(model, stats, N, w, args.prefill_step))
         for w, done in runs.items():
             row = dict(prompt=N, budget=N // 4, observe_redundancy=w,
                        **{k: float(np.median([d[k] for d in done])) for k in done[0]}, runs=done)
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "runs"}, flush=True)
-    write_json("prompt-round", dict(device=str(mx.default_device()), model="Qwen3-8B-shaped, 4-bit, random weights",
-                          command="python -m bench.prompt_round " + " ".join(argv), rows=rows), Path(args.output))
+    write_json("prompt-round", dict(device=str(mx.default_device()), model=name,
+                                    command="python -m bench.prompt_round " + " ".join(argv), rows=rows), Path(output))
 
 
 if __name__ == "__main__":
