@@ -1,17 +1,18 @@
-"""What the round that selects a prompt costs, with and without observe_redundancy (GPU):
+"""What the round that selects a prompt costs, with and without observe_redundancy:
 
     python -m bench.prompt_round [--quick] [--lengths 8192 16384 32768] [--repeats 3] [--output DIR]
 
-The Qwen3-8B-shaped 4-bit model (bench.kernels; its KV cache bfloat16, 36 layers x 8 KV
-heads x 128), TriAttention's defaults at budget N / 4, so that an N-token prompt is held
-whole (prefill_limit 4 x budget) and selected once, when it ends. That round runs at the
-call after the prompt's last token (it is deferred off the path to the first token), so
-it is timed as the first decode step, next to a plain decode step after it; the time to
-first token and the peak memory (from the prompt's start to that step) too. Rows: observe_redundancy 0 (the default before 0.9) and 1 (R-KV's
-redundancy over the N held keys of every KV head: N x N similarities, in blocks). Median of
---repeats runs, the two settings in turns. Writes prompt-round.json (GPU: results/h100/;
---quick, CPU: the real test model, SmolLM2-135M float32 with its calibrated stats, at 4096
-and 8064 tokens: results/cpu/).
+GPU: the Qwen3-8B-shaped 4-bit model (bench.kernels; its KV cache bfloat16, 36 layers x 8
+KV heads x 128); --quick (CPU): the real test model, SmolLM2-135M float32 with calibrated
+stats, at 4096 and 8064 tokens. TriAttention's defaults at budget N / 4, so that an N-token
+prompt is held whole (prefill_limit 4 x budget) and selected once, when it ends. That round
+runs at the call after the prompt's last token (deferred off the path to the first token),
+so it is timed as the first decode step less a plain decode step after it; the time to
+first token and the peak memory (from the prompt's start to that step) are recorded too.
+Rows: observe_redundancy 0 (the library's default) and 1 (the server's: each held key's
+mean similarity to the others, O(N D) a KV head). Medians of --repeats runs, the two
+settings in turns. Writes prompt-round.json and .png (GPU: results/h100/; --quick:
+results/cpu/).
 """
 
 import argparse
@@ -22,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from bench.common import RESULTS, write_json
+from bench.common import RESULTS, plot, write_json
 from bench.kernels import qwen3_8b_4bit
 from bench.speed import prompt_tokens, test_model, time_to_first_token
 from triattn_mlx import make_prompt_cache
@@ -76,6 +77,20 @@ def main(argv=None):
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "runs"}, flush=True)
     write_json("prompt-round", dict(device=str(mx.default_device()), model=name,
                                     command="python -m bench.prompt_round " + " ".join(argv), rows=rows), Path(output))
+    draw(rows, name, Path(output))
+
+
+def draw(rows, name, folder):
+    lengths = sorted({r["prompt"] for r in rows})
+    with plot("prompt-round", folder) as (fig, ax):
+        for i, w in enumerate((0.0, 1.0)):
+            ms = [1000 * next(r["round_s"] for r in rows if r["prompt"] == N and r["observe_redundancy"] == w)
+                  for N in lengths]
+            ax.bar([j + 0.4 * i for j in range(len(lengths))], ms, width=0.4, label=f"observe_redundancy {w:g}")
+        ax.set_xticks([j + 0.2 for j in range(len(lengths))], [f"{N} tokens, budget {N // 4}" for N in lengths])
+        ax.set_ylabel("the prompt's round, ms (first decode step less a plain one)")
+        ax.set_title(f"The round that selects a prompt: {name}", fontsize=9)
+        ax.legend()
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ import time
 import pytest
 from mlx_lm.generate import stream_generate
 
-from triattn_mlx import make_prompt_cache
+from triattn_mlx import Settings, make_prompt_cache
 from triattn_mlx.corpus import prose_text
 from triattn_mlx.loading import shipped_stats
+from triattn_mlx.server import compression_parser
+from triattn_mlx.settings import CHAT_DEFAULTS, from_args
 
 BUDGET = 256  # the server's budget in these tests
 PREFILL_STEP = 2048  # mlx_lm.server's default --prefill-step-size
@@ -138,7 +140,7 @@ def replay(real_model):
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             continued = self.cache is not None and prompt[: len(self.history)] == self.history
             if not continued:
-                self.cache, self.history = make_prompt_cache(model, self.budget, stats=stats), []
+                self.cache, self.history = make_prompt_cache(model, self.budget, stats=stats, **CHAT_DEFAULTS), []
             prefix = len(self.history)
             text, tokens = "", []
             for r in stream_generate(model, tokenizer, prompt[prefix:], max_tokens=max_tokens,
@@ -285,6 +287,15 @@ def test_cli_refuses_bad_flags_with_one_line(real_model_dir, args, message):
     assert "Traceback" not in result.stderr
 
 
+def test_the_server_defaults_to_the_chat_settings():
+    """The server's flags default to Settings() with CHAT_DEFAULTS (a conversation asks
+    again); a flag still overrides them; the library keeps its own defaults."""
+    served = from_args(compression_parser().parse_args([]))
+    assert served == Settings(**CHAT_DEFAULTS) and served.observe_redundancy == 1.0
+    assert from_args(compression_parser().parse_args(["--observe-redundancy", "0"])) == Settings()
+    assert Settings().observe_redundancy == 0.0
+
+
 def test_help_lists_both_sets_of_flags():
     result = subprocess.run([sys.executable, "-m", "triattn_mlx.server", "--help"], capture_output=True,
                             text=True, timeout=120)
@@ -300,7 +311,7 @@ def test_models_without_shipped_stats_are_calibrated_once_with_a_warning(caplog)
 
     from conftest import tiny_llama
 
-    from triattn_mlx import Settings, TriAttentionKVCache, compress
+    from triattn_mlx import TriAttentionKVCache, compress
     from triattn_mlx.server import server_stats
 
     class Tokenizer:

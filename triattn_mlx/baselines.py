@@ -148,9 +148,8 @@ class QueryAwareScorer:
     queries, [B, H, M, D]) and the score is z(method) + weight * z(observation)
     - redundancy * z(mean_similarity), per query head, max-pooled along the sequence over
     `pool` tokens; in every other round, the method's score alone. With rounds "all" the
-    newest queries vote in every round. The redundancy term (0: off) gives way, among keys
-    the question does not point at, to those unlike the rest (a second fact in a document)
-    over those like many others (its running prose)."""
+    newest queries vote in every round. The redundancy term (0: off) favours keys unlike
+    the rest (a second fact in a document) over keys like many others (its running prose)."""
 
     def __init__(self, scorer, weight=1.0, pool=1, rounds="prompt", redundancy=0.0):
         self.scorer, self.weight, self.pool, self.redundancy = scorer, weight, pool, redundancy

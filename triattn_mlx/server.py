@@ -96,7 +96,8 @@ def scan_cache_dir():
 
 def compression_parser():
     parser = argparse.ArgumentParser(add_help=False, usage=argparse.SUPPRESS)
-    settings_flags.add_arguments(parser, stats_fallback="calibrate once on built-in text")
+    settings_flags.add_arguments(parser, stats_fallback="calibrate once on built-in text",
+                                 **settings_flags.CHAT_DEFAULTS)
     return parser
 
 

@@ -32,6 +32,8 @@ PREFILL_LIMIT_FLOOR = 8192
 # "triattention": the calibrated trigonometric score (TRIATTENTION.md). The others are the
 # baselines, scored in the same cache and selected by the same code (baselines.py).
 METHODS = ("triattention", "streamingllm", "snapkv", "h2o", "rkv", "key_norm", "random")
+# What the server changes for chats (conversations carry the cache into a next question)
+CHAT_DEFAULTS = dict(observe_redundancy=1.0)
 KV_BITS = (2, 3, 4, 5, 6, 8)
 KV_GROUP_SIZES = (32, 64, 128)
 
@@ -67,9 +69,13 @@ class Settings:
     # 256 kept a 7-digit number whose tail the unpooled sum lost (Qwen2.5-Coder-0.5B)
     observe_pool: int = 11
     observe_rounds: str = "prompt"  # OBSERVE_ROUNDS
-    # weight of R-KV's redundancy (z-scored), taken off that sum where the queries vote, so that
-    # keys unlike the rest (a fact the question does not ask about) win over running prose
-    # (0: off). docs/RESULTS.md 0.9 has the measurements behind the default
+    # weight of each key's mean similarity to the others (R-KV's redundancy; z-scored) taken off
+    # that sum where the queries vote, so that keys unlike the rest (a fact the question does not
+    # ask about) win over running prose (0: off). The server's default is CHAT_DEFAULTS' 1: a
+    # chat's follow-up question about another part of a document was answered 7/11 times at
+    # 25% budgets against 3/11; one prompt's answers were unchanged and the continuation of a
+    # document read whole lost some fidelity (KL +13% at budget 1024), so the library and the
+    # CLI keep 0 (docs/RESULTS.md 0.9)
     observe_redundancy: float = 0.0
     # coverage: the positions that may be evicted cut into `segments` equal stretches, each
     # keeping its best tokens up to segment_share x its equal part of the budget (0: off), in
@@ -163,10 +169,11 @@ def settings_of(settings=None, **fields):
     return settings.replace(**fields) if fields else settings
 
 
-def add_arguments(parser, stats_fallback):
+def add_arguments(parser, stats_fallback, **defaults):
     """The compression flags of generate and server (mlx-lm's --kv-bits/--kv-group-size are
-    read too: they select quantized storage)."""
-    defaults = Settings()
+    read too: they select quantized storage), defaulting to Settings() with `defaults`
+    replaced (an entry point's own choice for its use)."""
+    defaults = Settings(**defaults)
     group = parser.add_argument_group("TriAttention KV compression")
     group.add_argument("--budget", type=int, default=defaults.budget,
                        help=f"KV tokens each KV head keeps (default: {defaults.budget})")
@@ -228,5 +235,5 @@ def from_args(args):
                     kv_bits=getattr(args, "kv_bits", None), kv_group_size=getattr(args, "kv_group_size", 64),
                     prompt_mode=args.prompt_mode, prefill_limit=args.prefill_limit, observe=args.observe,
                     observe_weight=args.observe_weight, observe_pool=args.observe_pool,
-                    observe_rounds=args.observe_rounds, observe_redundancy=args.observe_redundancy, segments=args.segments,
-                    segment_share=args.segment_share, segment_rounds=args.segment_rounds)
+                    observe_rounds=args.observe_rounds, observe_redundancy=args.observe_redundancy,
+                    segments=args.segments, segment_share=args.segment_share, segment_rounds=args.segment_rounds)
