@@ -31,8 +31,8 @@ the prompt cache method_caches() builds, so the figures are what users get:
                   TriAttention with observe_rounds "all": the newest 32 queries vote in
                   every round (while the model writes too), not only the prompt's last
   triattention-redundancy
-                  TriAttention (auto) with observe_redundancy 1: the prompt round's score
-                  less R-KV's redundancy, z-scored
+                  TriAttention (auto) with observe_redundancy 1 (the server's default): the
+                  prompt round's score less each key's mean similarity to the others, z-scored
   streamingllm, snapkv, h2o, rkv
                   the baselines, through triattn_mlx.make_prompt_cache(method=...), in
                   the same cache with the same settings as TriAttention (per_head pruning,
