@@ -28,6 +28,7 @@ from bench.kernels import qwen3_8b_4bit
 from bench.speed import prompt_tokens, test_model, time_to_first_token
 from triattn_mlx import make_prompt_cache
 
+
 def synced_step(model, cache, y):
     """One decode step, synchronized: (the next token, seconds)."""
     mx.synchronize()

@@ -170,7 +170,7 @@ def numpy_z(x):
     return (x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-6)
 
 
-def test_observe_redundancy_takes_r_kv_redundancy_off_the_prompt_end_s_score():
+def test_observe_redundancy_takes_mean_similarity_off_the_prompt_end_s_score():
     """observe_redundancy: z(method) + weight * z(observation) - r * z(mean similarity of
     each key to the others), each query head taking its KV head's (a numpy reference); 0
     leaves the sum as it is; later rounds read the method alone."""

@@ -189,6 +189,12 @@ class RKVScorer(SnapKVScorer):
             redundancy(keys, self.threshold), importance.shape[1] // keys.shape[1], axis=1)
 
 
+def unit_keys(keys):
+    # keys [..., D] -> float32, each scaled to length 1 (cosine similarities are their dot products)
+    k = keys.astype(mx.float32)
+    return k / (mx.linalg.norm(k, axis=-1, keepdims=True) + 1e-8)
+
+
 def mean_similarity(keys):
     """Each key's mean cosine similarity to the other keys, softmaxed over the keys: keys
     [B, H_kv, N, D] -> [B, H_kv, N], in O(N D) (the sum of the unit keys, dotted with each).
@@ -196,8 +202,7 @@ def mean_similarity(keys):
     falls almost wholly on the newest key, which the recent window keeps anyway (on
     Qwen2.5-Coder-0.5B's keys of a 3k-token essay, every layer's and head's ranking of the
     other keys was the same: correlation 1.0000), and finding it takes all N x N similarities."""
-    k = keys.astype(mx.float32)
-    k = k / (mx.linalg.norm(k, axis=-1, keepdims=True) + 1e-8)
+    k = unit_keys(keys)
     others = (k * k.sum(axis=2, keepdims=True)).sum(axis=-1) - (k * k).sum(axis=-1)  # to all, less itself
     return mx.softmax(others / k.shape[2], axis=-1)
 
@@ -208,8 +213,7 @@ def redundancy(keys, threshold):
     key more similar to it than `threshold` is not counted against that one). The N x N
     similarities are taken a block of rows at a time (REDUNDANCY_BLOCK), so a long prompt's
     round never holds them all."""
-    k = keys.astype(mx.float32)
-    k = k / (mx.linalg.norm(k, axis=-1, keepdims=True) + 1e-8)
+    k = unit_keys(keys)
     B, H, N, _ = k.shape
     rows = max(1, REDUNDANCY_BLOCK // (B * H * N))
     idx = mx.arange(N)

@@ -69,13 +69,13 @@ class Settings:
     # 256 kept a 7-digit number whose tail the unpooled sum lost (Qwen2.5-Coder-0.5B)
     observe_pool: int = 11
     observe_rounds: str = "prompt"  # OBSERVE_ROUNDS
-    # weight of each key's mean similarity to the others (R-KV's redundancy; z-scored) taken off
-    # that sum where the queries vote, so that keys unlike the rest (a fact the question does not
-    # ask about) win over running prose (0: off). The server's default is CHAT_DEFAULTS' 1: a
-    # chat's follow-up question about another part of a document was answered 7/11 times at
-    # 25% budgets against 3/11; one prompt's answers were unchanged and the continuation of a
-    # document read whole lost some fidelity (KL +13% at budget 1024), so the library and the
-    # CLI keep 0 (docs/RESULTS.md 0.9)
+    # weight of each key's mean similarity to the others (z-scored; R-KV's redundancy less its
+    # newest-similar exception) taken off that sum where the queries vote, so that keys unlike
+    # the rest (a fact the question does not ask about) win over running prose (0: off). The
+    # server's default is CHAT_DEFAULTS' 1: a chat's follow-up question about another part of
+    # a document was answered 7/11 times at 25% budgets against 3/11; one prompt's answers were
+    # unchanged and the continuation of a document read whole lost some fidelity (KL +13% at
+    # budget 1024), so the library and the CLI keep 0 (docs/RESULTS.md 0.9)
     observe_redundancy: float = 0.0
     # coverage: the positions that may be evicted cut into `segments` equal stretches, each
     # keeping its best tokens up to segment_share x its equal part of the budget (0: off), in
@@ -209,8 +209,9 @@ def add_arguments(parser, stats_fallback, **defaults):
                        help="max-pool their combined score over this many neighbouring tokens, odd "
                             f"(default: {defaults.observe_pool}; 1: off)")
     group.add_argument("--observe-redundancy", type=float, default=defaults.observe_redundancy,
-                       help="where the queries vote, take this weight of R-KV's redundancy off the score, so "
-                            f"that keys unlike the rest are kept (default: {defaults.observe_redundancy:g}; 0: off)")
+                       help="where the queries vote, take this weight of each key's mean similarity to the "
+                            "others off the score, so that keys unlike the rest are kept "
+                            f"(default: {defaults.observe_redundancy:g}; 0: off)")
     group.add_argument("--observe-rounds", choices=OBSERVE_ROUNDS, default=defaults.observe_rounds,
                        help="prompt (default): the prompt's last queries vote in the round that ends it; "
                             "all: the newest queries vote in every round, while generating too")
