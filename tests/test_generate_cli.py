@@ -97,6 +97,7 @@ def test_gguf_file_as_model(stats_file):
     (["--kv-bits", "7"], "kv bits must be one of 2, 3, 4, 5, 6, 8"),
     (["--observe-pool", "6"], "observe_pool must be odd"),
     (["--observe-redundancy", "-1"], "observe_redundancy must be a number >= 0"),
+    (["--method", "snapkv", "--observe-redundancy", "1"], "--method snapkv does not read them"),
     (["--stats", "/no/such/stats.safetensors"], "stats file not found"),
 ])
 def test_bad_input_exits_2_with_one_line(real_model_dir, args, message):

@@ -293,6 +293,15 @@ def test_the_server_defaults_to_the_chat_settings():
     served = from_args(compression_parser().parse_args([]))
     assert served == Settings(**CHAT_DEFAULTS) and served.observe_redundancy == 1.0
     assert from_args(compression_parser().parse_args(["--observe-redundancy", "0"])) == Settings()
+
+
+def test_query_vote_flags_are_refused_for_the_baselines():
+    """A baseline does not read the prompt's vote: its flags, given, are an error rather than
+    ignored; left at the server's defaults they are not."""
+    assert from_args(compression_parser().parse_args(["--method", "snapkv"])).method == "snapkv"
+    for flags in (["--observe-redundancy", "2"], ["--observe", "8"], ["--observe-rounds", "all"]):
+        with pytest.raises(ValueError, match="--method rkv does not read them"):
+            from_args(compression_parser().parse_args(["--method", "rkv", *flags]))
     assert Settings().observe_redundancy == 0.0
 
 

@@ -174,6 +174,7 @@ def add_arguments(parser, stats_fallback, **defaults):
     read too: they select quantized storage), defaulting to Settings() with `defaults`
     replaced (an entry point's own choice for its use)."""
     defaults = Settings(**defaults)
+    parser.set_defaults(compression_defaults=defaults)  # from_args tells a flag given from a default
     group = parser.add_argument_group("TriAttention KV compression")
     group.add_argument("--budget", type=int, default=defaults.budget,
                        help=f"KV tokens each KV head keeps (default: {defaults.budget})")
@@ -229,8 +230,22 @@ def add_arguments(parser, stats_fallback, **defaults):
     return group
 
 
+# Flags that set how the prompt's last queries vote beside TriAttention's score: the baselines
+# score without that vote (SnapKV and R-KV observe the newest queries themselves)
+QUERY_VOTE_FLAGS = ("observe", "observe_weight", "observe_pool", "observe_rounds", "observe_redundancy")
+
+
 def from_args(args):
-    """Settings from parsed CLI flags (ValueError with the flag's meaning if invalid)."""
+    """Settings from parsed CLI flags (ValueError with the flag's meaning if invalid, or if
+    a flag was given that the chosen method does not read)."""
+    defaults = getattr(args, "compression_defaults", Settings())
+    if args.method != "triattention":
+        given = [name for name in QUERY_VOTE_FLAGS if getattr(args, name) != getattr(defaults, name)]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"{flags} set how the prompt's queries vote beside TriAttention's score; "
+                             f"--method {args.method} does not read them (drop {flags} or use --method "
+                             "triattention)")
     return Settings(budget=args.budget, window=args.window, divide_length=args.divide_length,
                     sinks=args.sinks, pruning_mode=args.pruning_mode, method=args.method,
                     kv_bits=getattr(args, "kv_bits", None), kv_group_size=getattr(args, "kv_group_size", 64),
