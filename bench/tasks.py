@@ -552,7 +552,8 @@ def draw_niah(fig, result, title):
                 for c, v in enumerate(line):
                     if not math.isnan(v):
                         ax.text(c, r, f"{v:.2g}", ha="center", va="center", fontsize=7)
-            ax.set_xticks(range(len(contexts)), [f"{c / 1024:g}k" for c in contexts], fontsize=7)
+            ax.set_xticks(range(len(contexts)), [c if isinstance(c, str) else f"{c / 1024:g}k" for c in contexts],
+                          fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths] if col == 0 else [], fontsize=7)
             ax.set_title(f"{METHODS[method]}\n{budget_label(panel[1])} mean {mean[panel]:.2f}".strip(), fontsize=7)
     fig.suptitle(f"{title}\nneedles answered exactly (0 red, 1 green); needle depth (rows) x context (columns)",
