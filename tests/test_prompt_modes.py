@@ -222,6 +222,54 @@ def test_observe_redundancy_reaches_the_prompt_s_selection_and_a_saved_cache(mod
     assert kept[0].shape == kept[1].shape and not np.array_equal(kept[0], kept[1])
 
 
+def test_segment_fill_distinct_fills_the_quotas_by_dissimilarity(model_and_stats, tmp_path, monkeypatch):
+    """segment_fill "distinct": in the prompt's round the stretches' quotas are ranked by
+    each key's dissimilarity to the others, -z(mean similarity) over the candidates,
+    averaged over the layers (per_head), against a numpy reference on full attention's
+    keys of the same prompt; the rest still go by the round's score; a saved cache keeps it."""
+    from mlx_lm.models.cache import save_prompt_cache
+
+    from triattn_mlx import cache as cache_module
+    from triattn_mlx import load_prompt_cache
+
+    model, stats = model_and_stats
+    tokens = np.random.default_rng(14).integers(0, 128, 240).tolist()
+    full = [KVCache() for _ in model.layers]
+    model(mx.array(tokens)[None], cache=full)
+    window, budget = OPTIONS["window"], OPTIONS["budget"]
+    candidates = np.arange(len(tokens)) < len(tokens) - window
+    want = 0
+    for c in full:
+        d = -numpy_mean_similarity(np.array(c.keys[0, :, : len(tokens)], np.float32))
+        mean, std = d[:, candidates].mean(-1, keepdims=True), d[:, candidates].std(-1, keepdims=True)
+        want = want + (d - mean) / (std + 1e-6) / len(full)
+    seen, select = [], cache_module.select_tokens
+
+    def recording(*args):
+        seen.append(args[8])
+        return select(*args)
+
+    monkeypatch.setattr(cache_module, "select_tokens", recording)
+    kept = {}
+    try:
+        for fill in ("score", "distinct"):
+            cache = make_prompt_cache(model, stats=stats, prompt_mode="whole", observe=8, segments=4,
+                                      segment_rounds="prompt", segment_fill=fill, **OPTIONS)
+            read(model, cache, tokens, 60)
+            kept[fill] = np.array(cache[0].token_positions())
+            remove_taps(model)
+        save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+        assert load_prompt_cache(str(tmp_path / "c.safetensors"), model=model)[0].settings.segment_fill == "distinct"
+    finally:
+        remove_taps(model)
+    assert seen[0] is None and seen[1] is not None  # one prompt round each (per_head: one selection)
+    np.testing.assert_allclose(np.array(seen[1])[0], want, rtol=1e-3, atol=1e-3)
+    assert kept["score"].shape == kept["distinct"].shape == (1, full[0].keys.shape[1], budget)
+    assert not np.array_equal(kept["score"], kept["distinct"])
+    with pytest.raises(ValueError, match="segment_fill must be one of"):
+        Settings(segment_fill="novel")
+
+
 def test_observe_pool_reaches_the_prompt_s_selection(model_and_stats):
     """--observe-pool is wired through make_prompt_cache: it changes what a prompt keeps."""
     model, stats = model_and_stats
@@ -310,7 +358,7 @@ def test_coverage_acts_in_the_rounds_segment_rounds_names(rounds, monkeypatch):
     seen, select = [], cache_module.select_tokens
 
     def recording(*args):
-        seen.append(args[6:])  # (segments, segment_share)
+        seen.append(args[6:8])  # (segments, segment_share)
         return select(*args)
 
     monkeypatch.setattr(cache_module, "select_tokens", recording)
@@ -324,10 +372,10 @@ def test_coverage_acts_in_the_rounds_segment_rounds_names(rounds, monkeypatch):
     assert prompt_rounds == 1 and len(seen) == 3  # per_head: one selection a round for every layer
     assert seen[0] == (8, 0.5)
     assert seen[1:] == [(8, 0.5) if rounds == "all" else (0, 0.0)] * 2
-    assert Settings(segments=0).coverage(ending=True) == (0, 0.0)
+    assert Settings(segments=0).coverage(ending=True) == (0, 0.0, "score")
     assert Settings().segments == 0 and Settings().segment_rounds == "all"  # off by default
-    assert Settings(segments=4).coverage(ending=False) == (4, 0.5)
-    assert Settings(segments=4, segment_rounds="prompt").coverage(ending=False) == (0, 0.0)
+    assert Settings(segments=4).coverage(ending=False) == (4, 0.5, "score")
+    assert Settings(segments=4, segment_rounds="prompt").coverage(ending=False) == (0, 0.0, "score")
     parser = argparse.ArgumentParser()
     flags.add_arguments(parser, "self-calibration")
     assert flags.from_args(parser.parse_args(["--segment-rounds", rounds])).segment_rounds == rounds

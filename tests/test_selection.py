@@ -8,18 +8,21 @@ import pytest
 from triattn_mlx.selection import gqa_max, head_scores, protected_tokens, select_tokens, zscore
 
 
-def numpy_select(scores, positions, offset, budget, window, sinks, segments=0, share=0.0):
+def numpy_select(scores, positions, offset, budget, window, sinks, segments=0, share=0.0, quota_scores=None):
     """Per KV head: the protected tokens, then (coverage) each stretch's quota of its
-    best-scoring tokens, then the best-scoring others (ties: lowest index)."""
+    best tokens by quota_scores (None: by scores), then the best-scoring others (ties:
+    lowest index)."""
     out = []
     quota = int(share * (budget - window - sinks) / segments) if segments else 0
     span = max(offset - window - sinks, 1)
-    for s, p in zip(scores, positions):
+    quota_scores = scores if quota_scores is None else quota_scores
+    for s, q, p in zip(scores, quota_scores, positions):
         protected = (p >= offset - window) | (p < sinks)
         order = [i for i in np.lexsort((np.arange(len(s)), -s)) if not protected[i]]
+        by_quota = [i for i in np.lexsort((np.arange(len(q)), -q)) if not protected[i]]
         chosen = list(np.flatnonzero(protected))
         for segment in range(segments if quota else 0):
-            inside = [i for i in order if min((p[i] - sinks) * segments // span, segments - 1) == segment]
+            inside = [i for i in by_quota if min((p[i] - sinks) * segments // span, segments - 1) == segment]
             chosen += inside[:quota]
         chosen += [i for i in order if i not in chosen][: budget - len(chosen)]
         out.append(sorted(chosen))
@@ -120,6 +123,20 @@ def test_segment_quotas_match_numpy(seed):
     for h in range(H):
         assert (per_stretch(positions[h, got[h]]) >= quota).all()
         assert per_stretch(positions[h, plain[h]])[0] < quota  # what the quota changed
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_segment_quotas_ranked_by_their_own_scores_match_numpy(seed):
+    """segment_fill "distinct": the stretches' quotas go by quota_scores, the rest by scores."""
+    rng = np.random.default_rng(seed + 10)
+    H, N, offset, budget, window, sinks, segments = 2, 70, 70, 34, 6, 0, 4
+    positions = np.tile(np.arange(N), (H, 1))
+    scores, quota_scores = rng.normal(size=(2, H, N)).astype(np.float32)
+    args = (offset, budget, window, sinks, segments, 0.5)
+    got = np.array(select_tokens(mx.array(scores[None]), mx.array(positions[None]), *args,
+                                 quota_scores=mx.array(quota_scores[None])))[0]
+    np.testing.assert_array_equal(got, numpy_select(scores, positions, *args, quota_scores=quota_scores))
+    assert not np.array_equal(got, numpy_select(scores, positions, *args))  # the quotas' ranking mattered
 
 
 def test_coverage_quotas_hold_when_scores_tie():

@@ -26,6 +26,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
+from .baselines import mean_similarity
 from .groups import forming_group
 from .methods import restore_scorer, saved_scorer
 from .scoring import QuantizedKeys
@@ -415,9 +416,13 @@ class TriAttentionKVCache(_BaseCache):
         n_kv, window = first(self.keys).shape[1], self.settings.window
         # z-normalized over the tokens that may be evicted: the protected ones (window,
         # sinks, a kept prompt) are kept whatever they score and must not skew the others
-        scores = {key: head_scores(self._score(keys, positions, key[2], rows, key[5]), n_kv,
-                                   ~protected_tokens(positions, key[2], window, key[4]))
-                  for key, (rows, keys, positions) in views.items()}
+        scores = {}
+        for key, (rows, keys, positions) in views.items():
+            candidates = ~protected_tokens(positions, key[2], window, key[4])
+            scores[key] = head_scores(self._score(keys, positions, key[2], rows, key[5]), n_kv, candidates)
+            if self.settings.coverage(ending=key[5])[2] == "distinct":  # the quotas' ranking, beside it
+                plain = keys.dequantize() if hasattr(keys, "dequantize") else keys
+                scores[key] = mx.stack([scores[key], head_scores(-mean_similarity(plain), n_kv, candidates)])
         if self._eval_on_compact or timed:
             mx.eval(list(scores.values()))  # frees the scored copies before the next layer makes its own
         scored = time.perf_counter()
@@ -448,10 +453,13 @@ class TriAttentionKVCache(_BaseCache):
     def _select(self, views, scores):
         """[(rows, start, keep)]: keep [len(rows), H_kv, budget] indices into the rows' slots
         from `start`."""
-        s = self.settings
-        return [(rows, key[0], select_tokens(scores[key], positions, key[2], key[3], s.window, key[4],
-                                             *s.coverage(ending=key[5])))
-                for key, (rows, _, positions) in views.items()]
+        s, selected = self.settings, []
+        for key, (rows, _, positions) in views.items():
+            segments, share, fill = s.coverage(ending=key[5])
+            score, quota = scores[key] if fill == "distinct" else (scores[key], None)  # see _prune
+            selected.append((rows, key[0], select_tokens(score, positions, key[2], key[3], s.window, key[4],
+                                                         segments, share, quota)))
+        return selected
 
     def _compact(self, selected, drop_garbage=False):
         """The selected rows keep their chosen tokens (and, while a right-padded prompt is

@@ -54,20 +54,23 @@ def head_scores(raw, n_kv_heads, candidates=None):
     return scores if raw.shape[1] == n_kv_heads else gqa_max(scores, n_kv_heads)
 
 
-def select_tokens(scores, positions, offset, budget, window, sinks, segments=0, segment_share=0.0):
+def select_tokens(scores, positions, offset, budget, window, sinks, segments=0, segment_share=0.0,
+                  quota_scores=None):
     """Indices of the `budget` tokens each KV head keeps, in temporal order.
 
     scores, positions: [B, H_kv, N] -> [B, H_kv, budget] int32. The recent `window`
     tokens and the first `sinks` positions are always kept and count in the budget. With
-    `segments`, each stretch of positions (segment_quotas) also keeps its best-scored
-    tokens up to its quota before the rest are chosen by score.
+    `segments`, each stretch of positions (segment_quotas) also keeps its best tokens up to
+    its quota, ranked by `quota_scores` (None: by `scores`), before the rest are chosen by
+    score.
     """
     protected = protected_tokens(positions, offset, window, sinks)
     ranked = mx.where(protected, mx.inf, scores)
     if segments:
         quota = int(segment_share * (budget - window - sinks) / segments)
         candidates = ~protected & (positions >= 0)  # padding (-1) is never a candidate
-        chosen = segment_quotas(scores, positions, candidates, offset - window - sinks, sinks, segments, quota)
+        chosen = segment_quotas(scores if quota_scores is None else quota_scores, positions, candidates,
+                                offset - window - sinks, sinks, segments, quota)
         ranked = mx.where(chosen, QUOTA_RANK, ranked)
     keep = mx.argpartition(-ranked, kth=budget - 1, axis=-1)[..., :budget]
     return mx.sort(keep, axis=-1)  # the buffer stays in temporal order: trim relies on it

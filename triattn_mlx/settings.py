@@ -25,6 +25,10 @@ PROMPT_MODES = ("whole", "chunked", "keep")
 # Which rounds the newest queries vote in (observe): "prompt", the round that ends a prompt
 # (its last queries); "all", every round, generated tokens' included (as SnapKV's do).
 OBSERVE_ROUNDS = ("prompt", "all")
+# What fills coverage's quotas: "score", the round's own score; "distinct", each key's
+# dissimilarity to the other keys (-mean_similarity), so that every stretch of a document
+# keeps what is unlike the rest of it, whatever the question of the moment asks
+SEGMENT_FILLS = ("score", "distinct")
 # prompt_mode "whole" holds at most prefill_limit tokens while reading; by default
 # max(4 x budget, PREFILL_LIMIT_FLOOR): prompts that long are selected once, at their end,
 # with the question's queries voting (a needle read before an earlier round can be lost).
@@ -86,6 +90,10 @@ class Settings:
     segments: int = 0
     segment_share: float = 0.5
     segment_rounds: str = "all"
+    # SEGMENT_FILLS: with "distinct" in the prompt's round (8 segments), a follow-up question
+    # about another needle of a 4k document was answered 4/5 times at budget 512 against 1/5
+    # (Qwen2.5-Coder-0.5B, docs/RESULTS.md 0.10)
+    segment_fill: str = "score"
 
     @property
     def selection(self):
@@ -95,10 +103,11 @@ class Settings:
         return "per_layer_per_head" if self.budget <= PER_LAYER_BUDGET else "per_head"
 
     def coverage(self, ending):
-        """(segments, segment_share) for a round (`ending`: it ends a prompt); (0, 0.0): none."""
+        """(segments, segment_share, segment_fill) for a round (`ending`: it ends a prompt);
+        (0, 0.0, "score"): none."""
         if self.segments and (ending or self.segment_rounds == "all"):
-            return self.segments, self.segment_share
-        return 0, 0.0
+            return self.segments, self.segment_share, self.segment_fill
+        return 0, 0.0, "score"
 
     @property
     def reading_limit(self):
@@ -131,6 +140,7 @@ class Settings:
             raise ValueError(f"observe_pool must be odd (a window centred on each token), got {self.observe_pool}")
         _check_int("segments", self.segments, 0)
         _check_choice("segment_rounds", self.segment_rounds, OBSERVE_ROUNDS)
+        _check_choice("segment_fill", self.segment_fill, SEGMENT_FILLS)
         if not isinstance(self.segment_share, (int, float)) or not 0 <= self.segment_share <= 1:
             raise ValueError(f"segment_share must be a number from 0 to 1, got {self.segment_share!r}")
         for name in ("observe_weight", "observe_redundancy"):
@@ -224,6 +234,9 @@ def add_arguments(parser, stats_fallback, **defaults):
                             f"{defaults.segment_share:g})")
     group.add_argument("--segment-rounds", choices=OBSERVE_ROUNDS, default=defaults.segment_rounds,
                        help="all (default): coverage in every round; prompt: only in the round that ends a prompt")
+    group.add_argument("--segment-fill", choices=SEGMENT_FILLS, default=defaults.segment_fill,
+                       help="what fills the stretches' quotas: score (default), the round's score; distinct: "
+                            "the keys least like the others, which a later question may ask about")
     group.add_argument("--stats", default="auto",
                        help="calibration stats: a .safetensors file, a Hugging Face repo id, or "
                             f"'auto' (shipped stats matching the model, else {stats_fallback})")
@@ -252,4 +265,5 @@ def from_args(args):
                     prompt_mode=args.prompt_mode, prefill_limit=args.prefill_limit, observe=args.observe,
                     observe_weight=args.observe_weight, observe_pool=args.observe_pool,
                     observe_rounds=args.observe_rounds, observe_redundancy=args.observe_redundancy,
-                    segments=args.segments, segment_share=args.segment_share, segment_rounds=args.segment_rounds)
+                    segments=args.segments, segment_share=args.segment_share, segment_rounds=args.segment_rounds,
+                    segment_fill=args.segment_fill)
