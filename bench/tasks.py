@@ -31,8 +31,12 @@ the prompt cache method_caches() builds, so the figures are what users get:
                   TriAttention with observe_rounds "all": the newest 32 queries vote in
                   every round (while the model writes too), not only the prompt's last
   triattention-redundancy
-                  TriAttention (auto) with observe_redundancy 1 (the server's default): the
-                  prompt round's score less each key's mean similarity to the others, z-scored
+                  TriAttention (auto) with observe_redundancy 1: the prompt round's score
+                  less each key's mean similarity to the others, z-scored
+  triattention-distinct
+                  TriAttention (auto) with coverage in the prompt's round only, its 8
+                  stretches' quotas (half the budget) filled with their most distinct keys
+                  (segment_fill "distinct"); -distinct-redundancy: with observe_redundancy 1 too
   streamingllm, snapkv, h2o, rkv
                   the baselines, through triattn_mlx.make_prompt_cache(method=...), in
                   the same cache with the same settings as TriAttention (per_head pruning,
@@ -125,6 +129,8 @@ METHODS = {  # key -> label, in the order runs and figures show them
     "triattention-pooled": "TriAttention (per_head, observe_pool 11)",
     "triattention-all": "TriAttention (per_head, the newest queries vote in every round)",
     "triattention-redundancy": "TriAttention (auto, observe_redundancy 1)",
+    "triattention-distinct": "TriAttention (auto, 8 segments' quotas of distinct keys in the prompt's round)",
+    "triattention-distinct-redundancy": "TriAttention (auto, distinct keys' quotas, observe_redundancy 1)",
     "streamingllm": "StreamingLLM",
     "snapkv": "SnapKV",
     "h2o": "H2O",
@@ -136,6 +142,7 @@ METHODS = {  # key -> label, in the order runs and figures show them
     "rotating": "mlx-lm RotatingKVCache",
 }
 COVERAGE = dict(segments=8, segment_share=0.5)  # the "-coverage" rows
+DISTINCT = dict(COVERAGE, segment_rounds="prompt", segment_fill="distinct")  # the "-distinct" rows
 BASELINES = {  # key -> its settings beside the budget
     **{name: dict(method=name, pruning_mode="per_head") for name in ("streamingllm", "snapkv", "h2o", "rkv")},
     "snapkv-lh": dict(method="snapkv", pruning_mode="per_layer_per_head"),
@@ -152,6 +159,8 @@ TRIATTENTION = {  # key -> its settings beside the budget
     "triattention-pooled": dict(pruning_mode="per_head", observe_pool=11),
     "triattention-all": dict(pruning_mode="per_head", observe_rounds="all"),
     "triattention-redundancy": dict(pruning_mode="auto", observe_redundancy=1.0),
+    "triattention-distinct": dict(pruning_mode="auto", **DISTINCT),
+    "triattention-distinct-redundancy": dict(pruning_mode="auto", observe_redundancy=1.0, **DISTINCT),
 }
 DEFAULT_WINDOW = 128  # triattn_mlx.make_prompt_cache's recent window
 
