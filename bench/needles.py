@@ -37,7 +37,7 @@ SETS = (  # (label, model, context, depths)
     ("1.5B 4k", "qwen2.5-coder-1.5b", 4096, (0.1, 0.3, 0.5, 0.7, 0.9)),
 )
 BUDGETS = (0.25, 0.125)
-METHODS = ("full", "triattention-auto", "triattention-redundancy", "snapkv", "rkv", "h2o", "streamingllm")
+METHODS = ("full", "triattention-auto", "triattention-chat", "snapkv", "rkv", "h2o", "streamingllm")
 BASELINES = ("snapkv", "rkv", "h2o", "streamingllm")
 SHARE_OF_FULL = 0.95  # at 25%: each depth at least this share of full attention's accuracy
 

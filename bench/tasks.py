@@ -37,6 +37,8 @@ the prompt cache method_caches() builds, so the figures are what users get:
                   TriAttention (auto) with coverage in the prompt's round only, its 8
                   stretches' quotas (half the budget) filled with their most distinct keys
                   (segment_fill "distinct"); -distinct-redundancy: with observe_redundancy 1 too
+  triattention-chat
+                  TriAttention (auto) with the server's settings (settings.CHAT_DEFAULTS)
   streamingllm, snapkv, h2o, rkv
                   the baselines, through triattn_mlx.make_prompt_cache(method=...), in
                   the same cache with the same settings as TriAttention (per_head pruning,
@@ -118,6 +120,7 @@ from bench.common import RESULTS, plot, write_json
 from support import tasks  # the repository's support/ (not installed): run from the repository root
 from triattn_mlx import cache_report, remove_taps
 from triattn_mlx.loading import resolve_stats
+from triattn_mlx.settings import CHAT_DEFAULTS
 
 METHODS = {  # key -> label, in the order runs and figures show them
     "full": "full attention",
@@ -131,6 +134,7 @@ METHODS = {  # key -> label, in the order runs and figures show them
     "triattention-redundancy": "TriAttention (auto, observe_redundancy 1)",
     "triattention-distinct": "TriAttention (auto, 8 segments' quotas of distinct keys in the prompt's round)",
     "triattention-distinct-redundancy": "TriAttention (auto, distinct keys' quotas, observe_redundancy 1)",
+    "triattention-chat": "TriAttention (the server's chat defaults)",
     "streamingllm": "StreamingLLM",
     "snapkv": "SnapKV",
     "h2o": "H2O",
@@ -161,6 +165,7 @@ TRIATTENTION = {  # key -> its settings beside the budget
     "triattention-redundancy": dict(pruning_mode="auto", observe_redundancy=1.0),
     "triattention-distinct": dict(pruning_mode="auto", **DISTINCT),
     "triattention-distinct-redundancy": dict(pruning_mode="auto", observe_redundancy=1.0, **DISTINCT),
+    "triattention-chat": dict(pruning_mode="auto", **CHAT_DEFAULTS),
 }
 DEFAULT_WINDOW = 128  # triattn_mlx.make_prompt_cache's recent window
 

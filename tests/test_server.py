@@ -291,8 +291,10 @@ def test_the_server_defaults_to_the_chat_settings():
     """The server's flags default to Settings() with CHAT_DEFAULTS (a conversation asks
     again); a flag still overrides them; the library keeps its own defaults."""
     served = from_args(compression_parser().parse_args([]))
-    assert served == Settings(**CHAT_DEFAULTS) and served.observe_redundancy == 1.0
-    assert from_args(compression_parser().parse_args(["--observe-redundancy", "0"])) == Settings()
+    assert served == Settings(**CHAT_DEFAULTS) != Settings()
+    assert (served.segments, served.segment_rounds, served.segment_fill) == (8, "prompt", "distinct")
+    library = ["--segments", "0", "--segment-rounds", "all", "--segment-fill", "score"]
+    assert from_args(compression_parser().parse_args(library)) == Settings()
 
 
 def test_query_vote_flags_are_refused_for_the_baselines():

@@ -36,8 +36,11 @@ PREFILL_LIMIT_FLOOR = 8192
 # "triattention": the calibrated trigonometric score (TRIATTENTION.md). The others are the
 # baselines, scored in the same cache and selected by the same code (baselines.py).
 METHODS = ("triattention", "streamingllm", "snapkv", "h2o", "rkv", "key_norm", "random")
-# What the server changes for chats (conversations carry the cache into a next question)
-CHAT_DEFAULTS = dict(observe_redundancy=1.0)
+# What the server changes for chats (conversations carry the cache into a next question):
+# in the round that ends a prompt, 8 stretches of it each keep their most distinct keys (half
+# the budget in all), so that what the first question does not ask about survives for the
+# next (docs/RESULTS.md 0.10)
+CHAT_DEFAULTS = dict(segments=8, segment_rounds="prompt", segment_fill="distinct")
 KV_BITS = (2, 3, 4, 5, 6, 8)
 KV_GROUP_SIZES = (32, 64, 128)
 
@@ -75,11 +78,11 @@ class Settings:
     observe_rounds: str = "prompt"  # OBSERVE_ROUNDS
     # weight of each key's mean similarity to the others (z-scored; R-KV's redundancy less its
     # newest-similar exception) taken off that sum where the queries vote, so that keys unlike
-    # the rest (a fact the question does not ask about) win over running prose (0: off). The
-    # server's default is CHAT_DEFAULTS' 1: a chat's follow-up question about another part of
-    # a document was answered 7/11 times at 25% budgets against 3/11; one prompt's answers were
-    # unchanged and the continuation of a document read whole lost some fidelity (KL +13% at
-    # budget 1024), so the library and the CLI keep 0 (docs/RESULTS.md 0.9)
+    # the rest (a fact the question does not ask about) win over running prose (0: off). A
+    # chat's follow-up question about another part of a document was answered 7/11 times at
+    # 25% budgets against 3/11, 1/11 at 12.5% as without; the continuation of a document read
+    # whole lost some fidelity (KL +13% at budget 1024) (docs/RESULTS.md 0.9). The server's
+    # default from 0.9 to 0.10; it now fills coverage's quotas with distinct keys instead
     observe_redundancy: float = 0.0
     # coverage: the positions that may be evicted cut into `segments` equal stretches, each
     # keeping its best tokens up to segment_share x its equal part of the budget (0: off), in
