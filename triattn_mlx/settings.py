@@ -231,15 +231,16 @@ def add_arguments(parser, stats_fallback, **defaults):
                             "all: the newest queries vote in every round, while generating too")
     group.add_argument("--segments", type=int, default=defaults.segments,
                        help="coverage: cut the evictable positions into this many stretches, each keeping "
-                            f"its best tokens up to its quota (default: {defaults.segments}, off)")
+                            f"its best tokens up to its quota (default: {defaults.segments or '0, off'})")
     group.add_argument("--segment-share", type=float, default=defaults.segment_share,
                        help=f"share of the budget the stretches' quotas take together (default: "
                             f"{defaults.segment_share:g})")
     group.add_argument("--segment-rounds", choices=OBSERVE_ROUNDS, default=defaults.segment_rounds,
-                       help="all (default): coverage in every round; prompt: only in the round that ends a prompt")
+                       help=f"all: coverage in every round; prompt: only in the round that ends a prompt "
+                            f"(default: {defaults.segment_rounds})")
     group.add_argument("--segment-fill", choices=SEGMENT_FILLS, default=defaults.segment_fill,
-                       help="what fills the stretches' quotas: score (default), the round's score; distinct: "
-                            "the keys least like the others, which a later question may ask about")
+                       help="what fills the stretches' quotas: score, the round's score; distinct: the keys "
+                            f"least like the others, which a later question may ask about (default: {defaults.segment_fill})")
     group.add_argument("--stats", default="auto",
                        help="calibration stats: a .safetensors file, a Hugging Face repo id, or "
                             f"'auto' (shipped stats matching the model, else {stats_fallback})")
