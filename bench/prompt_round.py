@@ -1,4 +1,4 @@
-"""What the round that selects a prompt costs, with and without observe_redundancy:
+"""What the round that selects a prompt costs, with the library's settings and the server's:
 
     python -m bench.prompt_round [--quick] [--lengths 8192 16384 32768] [--repeats 3] [--output DIR]
 
@@ -9,9 +9,10 @@ prompt is held whole (prefill_limit 4 x budget) and selected once, when it ends.
 runs at the call after the prompt's last token (deferred off the path to the first token),
 so it is timed as the first decode step less a plain decode step after it; the time to
 first token and the peak memory (from the prompt's start to that step) are recorded too.
-Rows: observe_redundancy 0 (the library's default) and 1 (the server's: each held key's
-mean similarity to the others, O(N D) a KV head). Medians of --repeats runs, the two
-settings in turns. Writes prompt-round.json and .png (GPU: results/h100/; --quick:
+Rows: "library", TriAttention's defaults, and "server", with settings.CHAT_DEFAULTS (from
+0.10 coverage's quotas filled by each stretch's most distinct keys: each held key's mean
+similarity to the others, O(N D) a KV head, and one more top-k per stretch; 0.9's run
+compared observe_redundancy 0 and 1). Medians of --repeats runs, the two settings in turns. Writes prompt-round.json and .png (GPU: results/h100/; --quick:
 results/cpu/).
 """
 
@@ -27,6 +28,9 @@ from bench.common import RESULTS, plot, write_json
 from bench.kernels import qwen3_8b_4bit
 from bench.speed import prompt_tokens, test_model, time_to_first_token
 from triattn_mlx import make_prompt_cache
+from triattn_mlx.settings import CHAT_DEFAULTS
+
+SETTINGS = {"library": {}, "server": CHAT_DEFAULTS}
 
 
 def synced_step(model, cache, y):
@@ -38,8 +42,8 @@ def synced_step(model, cache, y):
     return y, time.perf_counter() - start
 
 
-def one_run(model, stats, N, redundancy, prefill_step):
-    cache = make_prompt_cache(model, N // 4, stats=stats, observe_redundancy=redundancy)
+def one_run(model, stats, N, settings, prefill_step):
+    cache = make_prompt_cache(model, N // 4, stats=stats, **SETTINGS[settings])
     mx.reset_peak_memory()
     y, ttft = time_to_first_token(model, cache, prompt_tokens(N), prefill_step)
     y, first = synced_step(model, cache, y)  # the prompt's round runs here
@@ -64,15 +68,15 @@ def main(argv=None):
     else:
         model, stats, name = qwen3_8b_4bit(), "stats/qwen3-8b.safetensors", "Qwen3-8B-shaped, 4-bit, random weights"
         lengths, output = args.lengths or [8192, 16384, 32768], args.output or RESULTS / "h100"
-    one_run(model, stats, 2048, 1.0, args.prefill_step)  # warm-up: kernels compiled
+    one_run(model, stats, 2048, "server", args.prefill_step)  # warm-up: kernels compiled
     rows = []
     for N in lengths:
-        runs = {0.0: [], 1.0: []}
+        runs = {name: [] for name in SETTINGS}
         for r in range(args.repeats):
-            for w in ([0.0, 1.0] if r % 2 == 0 else [1.0, 0.0]):
-                runs[w].append(one_run(model, stats, N, w, args.prefill_step))
-        for w, done in runs.items():
-            row = dict(prompt=N, budget=N // 4, observe_redundancy=w,
+            for name in (list(SETTINGS) if r % 2 == 0 else list(SETTINGS)[::-1]):
+                runs[name].append(one_run(model, stats, N, name, args.prefill_step))
+        for name, done in runs.items():
+            row = dict(prompt=N, budget=N // 4, settings=name, fields=SETTINGS[name],
                        **{k: float(np.median([d[k] for d in done])) for k in done[0]}, runs=done)
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "runs"}, flush=True)
@@ -84,10 +88,10 @@ def main(argv=None):
 def draw(rows, name, folder):
     lengths = sorted({r["prompt"] for r in rows})
     with plot("prompt-round", folder) as (fig, ax):
-        for i, w in enumerate((0.0, 1.0)):
-            ms = [1000 * next(r["round_s"] for r in rows if r["prompt"] == N and r["observe_redundancy"] == w)
+        for i, name in enumerate(SETTINGS):
+            ms = [1000 * next(r["round_s"] for r in rows if r["prompt"] == N and r["settings"] == name)
                   for N in lengths]
-            ax.bar([j + 0.4 * i for j in range(len(lengths))], ms, width=0.4, label=f"observe_redundancy {w:g}")
+            ax.bar([j + 0.4 * i for j in range(len(lengths))], ms, width=0.4, label=f"{name} settings")
         ax.set_xticks([j + 0.2 for j in range(len(lengths))], [f"{N} tokens, budget {N // 4}" for N in lengths])
         ax.set_ylabel("the prompt's round, ms (first decode step less a plain one)")
         ax.set_title(f"The round that selects a prompt: {name}", fontsize=9)
