@@ -71,12 +71,12 @@ def main(argv=None):
     one_run(model, stats, 2048, "server", args.prefill_step)  # warm-up: kernels compiled
     rows = []
     for N in lengths:
-        runs = {name: [] for name in SETTINGS}
+        runs = {settings: [] for settings in SETTINGS}
         for r in range(args.repeats):
-            for name in (list(SETTINGS) if r % 2 == 0 else list(SETTINGS)[::-1]):
-                runs[name].append(one_run(model, stats, N, name, args.prefill_step))
-        for name, done in runs.items():
-            row = dict(prompt=N, budget=N // 4, settings=name, fields=SETTINGS[name],
+            for settings in (list(SETTINGS) if r % 2 == 0 else list(SETTINGS)[::-1]):
+                runs[settings].append(one_run(model, stats, N, settings, args.prefill_step))
+        for settings, done in runs.items():
+            row = dict(prompt=N, budget=N // 4, settings=settings, fields=SETTINGS[settings],
                        **{k: float(np.median([d[k] for d in done])) for k in done[0]}, runs=done)
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "runs"}, flush=True)
