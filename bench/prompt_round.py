@@ -88,10 +88,10 @@ def main(argv=None):
 def draw(rows, name, folder):
     lengths = sorted({r["prompt"] for r in rows})
     with plot("prompt-round", folder) as (fig, ax):
-        for i, name in enumerate(SETTINGS):
-            ms = [1000 * next(r["round_s"] for r in rows if r["prompt"] == N and r["settings"] == name)
+        for i, settings in enumerate(SETTINGS):
+            ms = [1000 * next(r["round_s"] for r in rows if r["prompt"] == N and r["settings"] == settings)
                   for N in lengths]
-            ax.bar([j + 0.4 * i for j in range(len(lengths))], ms, width=0.4, label=f"{name} settings")
+            ax.bar([j + 0.4 * i for j in range(len(lengths))], ms, width=0.4, label=f"{settings} settings")
         ax.set_xticks([j + 0.2 for j in range(len(lengths))], [f"{N} tokens, budget {N // 4}" for N in lengths])
         ax.set_ylabel("the prompt's round, ms (first decode step less a plain one)")
         ax.set_title(f"The round that selects a prompt: {name}", fontsize=9)

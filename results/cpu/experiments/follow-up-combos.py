@@ -62,12 +62,11 @@ if __name__ == "__main__":
     runs = [(c, "mean", 0, 0.0) for c in COMBOS] + [(c, "mean", s, f) for c in ("m+2o", "m+2o-s (chat)", "m+2o-2s")
                                                    for s in (8, 16, 32) for f in (0.5, 0.75, 1.0)]
     for combo, reduce, segments, share in runs:
-        if True:
-            line = []
-            for path, layers, meta in data:
-                second, first = select(layers, meta, combo, reduce=reduce, segments=segments, share=share)
-                line.append(f"{second[0]:.1f},{second[1]:.1f}/{min(first):.1f}")
-            print(f"{combo:18s} {segments:2d} {share:.2f} " + "  ".join(line))
+        line = []
+        for path, layers, meta in data:
+            second, first = select(layers, meta, combo, reduce=reduce, segments=segments, share=share)
+            line.append(f"{second[0]:.1f},{second[1]:.1f}/{min(first):.1f}")
+        print(f"{combo:18s} {segments:2d} {share:.2f} " + "  ".join(line))
 
 
 def select_split(layers, meta, main, quota, segments, share, pool=11):
