@@ -16,10 +16,11 @@ and the targets are checked for each TriAttention row against every baseline row
 Each check is printed as met / NOT MET with its figures (a benchmark reports; it exits 0
 either way). --follow-up asks a chat's second question instead (bench.tasks --follow-up).
 
-Time on 2 CPU cores (float32 0.5B, Q4_K_M 1.5B dequantized), measured: 61 min without H2O,
-the cores shared with other jobs for part of it (docs/RESULTS.md 0.10). H2O reads the
+Time on 2 CPU cores (float32 0.5B, Q4_K_M 1.5B dequantized), measured: --follow-up with
+every method (the default), 60 min with nothing else running; one question, 61 min without
+H2O, the cores shared with other jobs for part of it (docs/RESULTS.md 0.10). H2O reads the
 model's live queries, so it prefills on its own (the others share one full-attention
-prefill per item): 0.5's three runs of these sets with it took 55 min.
+prefill per item).
 """
 
 import argparse
