@@ -203,7 +203,7 @@ def mean_similarity(keys):
     Qwen2.5-Coder-0.5B's keys of a 3k-token essay, every layer's and head's ranking of the
     other keys was the same: correlation 1.0000), and finding it takes all N x N similarities."""
     k = unit_keys(keys)
-    # each key dotted with the sum of all (a matmul: no N x D product is held), less itself
+    # each key dotted with the sum of all keys (a matmul, not an N x D product summed), less itself
     others = (k @ k.sum(axis=2)[..., None])[..., 0] - mx.square(k).sum(axis=-1)
     return mx.softmax(others / k.shape[2], axis=-1)
 

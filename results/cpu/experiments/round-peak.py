@@ -19,11 +19,11 @@ from bench.speed import prompt_tokens, test_model, time_to_first_token
 from triattn_mlx import make_prompt_cache
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
-(model, stats) = test_model()
+model, stats = test_model()
 print("triattn_mlx from", triattn_mlx.__file__, "N", N, flush=True)
 for settings in SETTINGS:
     cache = make_prompt_cache(model, N // 4, stats=stats, **SETTINGS[settings])
-    y, ttft = time_to_first_token(model, cache, prompt_tokens(N), 2048)
+    y, _ = time_to_first_token(model, cache, prompt_tokens(N), 2048)
     mx.synchronize()
     mx.reset_peak_memory()
     before = mx.get_active_memory()
