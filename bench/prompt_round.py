@@ -12,8 +12,8 @@ first token and the peak memory (from the prompt's start to that step) are recor
 Rows: "library", TriAttention's defaults, and "server", with settings.CHAT_DEFAULTS (from
 0.10 coverage's quotas filled by each stretch's most distinct keys: each held key's mean
 similarity to the others, O(N D) a KV head, and one more top-k per stretch; 0.9's run
-compared observe_redundancy 0 and 1). Medians of --repeats runs, the two settings in turns. Writes prompt-round.json and .png (GPU: results/h100/; --quick:
-results/cpu/).
+compared observe_redundancy 0 and 1). Medians of --repeats runs, the two settings in turns.
+Writes prompt-round.json and .png (GPU: results/h100/; --quick: results/cpu/).
 """
 
 import argparse
